@@ -1,0 +1,206 @@
+"""Configuration: one dataclass whose defaults are maskrcnn-benchmark's e2e_faster_rcnn_R_101_FPN_1x as it
+ran (its code defaults merged with its YAML, ../shared/spec/maskrcnn_benchmark.md section 1), plus presets.
+
+    cfg = config.get("R-50-FPN", ["max_iter=1000", "--base_lr", "0.01"])
+
+Every field's trailing comment gives its unit and whether it counts per image, per level or per batch
+(upstream's FPN_POST_NMS_TOP_N_TRAIN trap came from that ambiguity). Overrides are type-checked against the
+default's type, printed, and an unknown key is refused with the closest valid names.
+"""
+import ast
+import dataclasses
+import difflib
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """Bad user input in the configuration: the message says what to change."""
+
+
+@dataclass
+class Config:
+    # ---- backbone: ResNet with Bottleneck blocks (STRIDE_IN_1X1, MSRA style) + FPN
+    stage_blocks: tuple = (3, 4, 23, 3)  # bottleneck blocks in res2..res5 (R-101; R-50 is 3,4,6,3)
+    stem_channels: int = 64  # output channels of the 7x7 stem conv
+    width_per_group: int = 64  # bottleneck width of res2, doubled per stage (64,128,256,512)
+    norm: str = "frozen_bn"  # "frozen_bn" (upstream: fixed affine, no eps) or "gn" (GroupNorm 32, trainable)
+    freeze_at: int = 2  # stages with requires_grad False: 0 none, 1 stem, 2 stem + layer1
+    fpn_channels: int = 256  # FPN width (BACKBONE_OUT_CHANNELS)
+    num_classes: int = 81  # box-head classes including background 0 (COCO: 80 + 1)
+
+    # ---- anchors and RPN
+    anchor_sizes: tuple = (32, 64, 128, 256, 512)  # anchor side in resized-image pixels, one per level P2..P6
+    anchor_strides: tuple = (4, 8, 16, 32, 64)  # feature stride in pixels of P2..P6
+    aspect_ratios: tuple = (0.5, 1.0, 2.0)  # anchor h/w ratios, in this order (row a of cell_anchors)
+    straddle_thresh: int = 0  # pixels an anchor may cross the image border and still get a label
+    rpn_fg_iou: float = 0.7  # IoU at or above which an anchor is positive
+    rpn_bg_iou: float = 0.3  # IoU below which an anchor is negative
+    rpn_batch_per_image: int = 256  # anchors sampled per image for the RPN loss
+    rpn_positive_fraction: float = 0.5  # max fraction of positives among those anchors
+    rpn_pre_nms_top_n_train: int = 2000  # proposals kept per level per image before NMS, training
+    rpn_pre_nms_top_n_test: int = 1000  # the same at test
+    rpn_post_nms_top_n_train: int = 2000  # proposals kept per level per image after NMS, training
+    rpn_post_nms_top_n_test: int = 1000  # the same at test
+    fpn_post_nms_top_n_train: int = 2000  # proposals kept over all levels: per *batch on one device* if
+    #   fpn_post_nms_per_batch (upstream quirk, use 1000 x images per device), else per image
+    fpn_post_nms_top_n_test: int = 1000  # proposals kept over all levels per image, test
+    fpn_post_nms_per_batch: bool = True  # upstream default: the training top-n spans the device's batch
+    rpn_nms_thresh: float = 0.7  # IoU threshold of the RPN's per-level NMS
+    rpn_min_size: int = 0  # proposals narrower than this many pixels are removed (0: none)
+
+    # ---- RoI box head
+    roi_fg_iou: float = 0.5  # IoU at or above which a proposal is foreground
+    roi_bg_iou: float = 0.5  # IoU below which a proposal is background (equal: no ignore band)
+    roi_batch_per_image: int = 512  # proposals sampled per image for the box-head loss
+    roi_positive_fraction: float = 0.25  # max fraction of foreground among those proposals
+    bbox_reg_weights: tuple = (10.0, 10.0, 5.0, 5.0)  # box coder weights (wx, wy, ww, wh) of the box head
+    pooler_resolution: int = 7  # RoIAlign output side in feature pixels
+    pooler_sampling_ratio: int = 2  # RoIAlign samples per bin side (legacy aligned=False)
+    mlp_dim: int = 1024  # width of fc6 and fc7
+    score_thresh: float = 0.05  # detections need a class probability strictly above this
+    nms_thresh: float = 0.5  # per-class NMS IoU threshold at test
+    detections_per_img: int = 100  # detections kept per image over all classes
+
+    # ---- input (data.py); sizes are pixels of the resized image
+    min_size_train: tuple = (800,)  # short-side choices, one drawn per training image
+    max_size_train: int = 1333  # long-side cap, training
+    min_size_test: int = 800  # short side at test
+    max_size_test: int = 1333  # long-side cap at test
+    pixel_mean: tuple = (102.9801, 115.9465, 122.7717)  # B, G, R means on the 0..255 scale
+    size_divisibility: int = 32  # batches are zero-padded to a multiple of this (pixels)
+    flip_prob: float = 0.5  # horizontal-flip probability per training image
+    crop_size: int = 0  # random crop side in pixels before resizing, training (0: off; MLU recipe 300)
+    fixed_size: int = 0  # resize to fixed_size x fixed_size instead of the short/long rule (0: off)
+    brightness: float = 0.0  # colour-jitter strengths, training (upstream: all 0, a no-op)
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+
+    # ---- data
+    data_root: str = "datasets/coco"  # COCO layout: annotations/instances_{split}.json and {split}/
+    train_split: str = "train2017"
+    val_split: str = "val2017"
+    num_workers: int = 4  # data-loader worker processes per device
+    aspect_grouping: bool = True  # batches of one aspect group only (h/w < 1 and h/w >= 1), as upstream
+
+    # ---- solver (train.py)
+    ims_per_batch: int = 16  # images per iteration over all devices (global batch)
+    base_lr: float = 0.02  # learning rate at 16 images per iteration; scaled linearly with ims_per_batch
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # on weights; biases get weight_decay_bias
+    weight_decay_bias: float = 0.0
+    bias_lr_factor: float = 2.0  # biases train at base_lr x this
+    gamma: float = 0.1  # lr factor at each step
+    max_iter: int = 90000  # iterations (each of ims_per_batch images)
+    steps: tuple = (60000, 80000)  # lr steps in iterations, for max_iter 90000 (scaled with max_iter)
+    warmup_iters: int = 500  # linear warmup length in iterations, for max_iter 90000 (scaled likewise)
+    warmup_factor: float = 1.0 / 3  # lr multiplier at iteration 0
+    checkpoint_period: int = 2500  # iterations between checkpoints
+    keep_checkpoints: int = 3  # newest checkpoints kept in output_dir
+    eval_period: int = 0  # iterations between evaluations (0: only at the end)
+    log_period: int = 20  # iterations between log lines
+    amp: str = ""  # "" (FP32, upstream), "bf16" or "fp16" autocast
+    seed: int = 0  # base random seed (each rank adds its rank)
+    weights: str = ""  # backbone init: a Detectron ImageNet pickle such as R-101.pkl ("" = from scratch)
+    output_dir: str = "output"  # checkpoints, logs and results
+
+    # ---- test
+    test_ims_per_batch: int = 8  # images per forward at test, over all devices (upstream: 8 on 8 GPUs)
+    device: str = "cuda"  # cpu, cuda or mlu
+
+
+PRESETS = {
+    "R-101-FPN": Config(),
+    "R-50-FPN": Config(stage_blocks=(3, 4, 6, 3)),
+    # The built-in demo: a small trainable-norm network on generated shapes, minutes on a laptop CPU.
+    "demo": Config(
+        stage_blocks=(1, 1, 1, 1), stem_channels=16, width_per_group=16, norm="gn", freeze_at=0,
+        fpn_channels=64, mlp_dim=256, num_classes=4,
+        anchor_sizes=(16, 32, 64, 128, 256), rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
+        rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150, fpn_post_nms_top_n_train=300,
+        fpn_post_nms_per_batch=False, fpn_post_nms_top_n_test=150, rpn_batch_per_image=128,
+        roi_batch_per_image=128, min_size_train=(224, 256, 288), max_size_train=400, min_size_test=256,
+        max_size_test=400, data_root="datasets/demo", num_workers=0, ims_per_batch=4, base_lr=0.02,
+        max_iter=600, steps=(400, 530), warmup_iters=50, checkpoint_period=200, log_period=20,
+        test_ims_per_batch=4, device="cpu", output_dir="output/demo",
+    ),
+}
+
+
+def _parse_value(name, text, default):
+    """Parse `text` into the type of `default`; raise ConfigError naming the field otherwise."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return low in ("true", "1", "yes")
+        if kind is tuple:
+            value = ast.literal_eval(text if text.strip().startswith("(") else f"({text},)")
+            value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+            inner = type(default[0]) if default else None
+            if inner is float:
+                value = tuple(float(v) for v in value)
+            elif inner is not None and not all(isinstance(v, inner) for v in value):
+                raise ValueError
+            return value
+        if kind is float:
+            return float(text)
+        if kind is int:
+            return int(text)
+        return str(text)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"config field '{name}' expects {kind.__name__} like {default!r}, got {text!r}") from None
+
+
+def _pairs(overrides):
+    """Turn ["a=1", "--b", "2", "--c=3"] into [("a", "1"), ("b", "2"), ("c", "3")]."""
+    pairs, items = [], list(overrides)
+    while items:
+        item = items.pop(0)
+        key = item[2:] if item.startswith("--") else item
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif item.startswith("--") and items:
+            value = items.pop(0)
+        else:
+            raise ConfigError(f"cannot read config override {item!r}: write key=value or --key value")
+        pairs.append((key.replace("-", "_"), value))
+    return pairs
+
+
+def get(preset="R-101-FPN", overrides=(), verbose=True):
+    """The preset's Config with command-line overrides applied (and printed when verbose)."""
+    if isinstance(preset, Config):
+        cfg = preset
+    elif preset in PRESETS:
+        cfg = PRESETS[preset]
+    else:
+        raise ConfigError(f"unknown config preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    names = {f.name: f for f in dataclasses.fields(Config)}
+    changes = {}
+    for key, text in _pairs(overrides):
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint} (all keys: python -c 'import config; print(config.Config())')")
+        changes[key] = _parse_value(key, text, getattr(cfg, key))
+    if verbose:
+        for key, value in changes.items():
+            print(f"config: {key} = {value!r} (preset: {getattr(cfg, key)!r})")
+    return dataclasses.replace(cfg, **changes)
+
+
+def to_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d):
+    """Rebuild a Config saved with a checkpoint; tuples come back as tuples, unknown keys are refused."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"saved config has keys this version does not know: {unknown}")
+    base = Config()
+    return dataclasses.replace(base, **{k: tuple(v) if isinstance(getattr(base, k), tuple) else v for k, v in d.items()})
