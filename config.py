@@ -92,8 +92,10 @@ class Config:
     bias_lr_factor: float = 2.0  # biases train at base_lr x this
     gamma: float = 0.1  # lr factor at each step
     max_iter: int = 90000  # iterations (each of ims_per_batch images)
-    steps: tuple = (60000, 80000)  # lr steps in iterations, for max_iter 90000 (scaled with max_iter)
-    warmup_iters: int = 500  # linear warmup length in iterations, for max_iter 90000 (scaled likewise)
+    schedule_ref: int = 90000  # the max_iter that steps and warmup_iters are written for; both are
+    #   scaled by max_iter / schedule_ref, so shortening max_iter shortens the whole schedule
+    steps: tuple = (60000, 80000)  # lr steps in iterations of a schedule_ref-long run
+    warmup_iters: int = 500  # linear warmup length in iterations of a schedule_ref-long run
     warmup_factor: float = 1.0 / 3  # lr multiplier at iteration 0
     checkpoint_period: int = 2500  # iterations between checkpoints
     keep_checkpoints: int = 3  # newest checkpoints kept in output_dir
@@ -121,7 +123,7 @@ PRESETS = {
         fpn_post_nms_per_batch=False, fpn_post_nms_top_n_test=150, rpn_batch_per_image=128,
         roi_batch_per_image=128, min_size_train=(224, 256, 288), max_size_train=400, min_size_test=256,
         max_size_test=400, data_root="datasets/demo", num_workers=0, ims_per_batch=4, base_lr=0.02,
-        max_iter=600, steps=(400, 530), warmup_iters=50, checkpoint_period=200, log_period=20,
+        max_iter=600, schedule_ref=600, steps=(400, 530), warmup_iters=50, checkpoint_period=200, log_period=20,
         test_ims_per_batch=4, device="cpu", output_dir="output/demo",
     ),
 }
