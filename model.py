@@ -1,0 +1,582 @@
+"""Faster R-CNN with a ResNet-50/101 + FPN backbone (Ren et al. 2015, "Faster R-CNN"; Lin et al. 2017, "Feature
+Pyramid Networks"), as facebookresearch/maskrcnn-benchmark implements it at commit 57eec25 (master, 2019-11-21).
+Every constant and quirk follows ../shared/spec/maskrcnn_benchmark.md (section numbers in comments, "spec 3.5").
+Module names follow upstream's checkpoint keys, so upstream's state dict loads with no mapping table.
+
+Shapes: N images per batch, (Hp, Wp) the padded batch size, (h, w) an image's unpadded resized size,
+L = 5 FPN levels P2..P6, A = 3 anchors per location, G ground-truth boxes of an image, R proposals of an image,
+K classes including background 0. Boxes are (x1, y1, x2, y2) in resized-image pixels with the legacy +1
+convention (width = x2 - x1 + 1) everywhere.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ops
+
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)  # upper clamp of decoded dw, dh (spec 3.5)
+
+
+# ---- box utilities, legacy +1 convention (spec 3.5, 3.6)
+
+def box_area(boxes):
+    return (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+
+
+def box_iou(a, b):
+    """IoU matrix (len(a), len(b)) with +1 widths: boxes that touch at one pixel overlap by one pixel."""
+    lt = torch.max(a[:, None, :2], b[None, :, :2])
+    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt + 1).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (box_area(a)[:, None] + box_area(b)[None, :] - inter)
+
+
+def clip_boxes(boxes, size):
+    """Clamp x to [0, w-1] and y to [0, h-1]; size is (h, w). Nothing is removed (remove_empty=False)."""
+    h, w = size
+    # columns 0::2 are x1, x2 (of every class block), 1::2 are y1, y2; interleaving them restores the layout
+    return torch.stack([boxes[:, 0::2].clamp(0, w - 1), boxes[:, 1::2].clamp(0, h - 1)], -1).reshape(boxes.shape)
+
+
+def remove_small_boxes(boxes, min_size):
+    """Indices of boxes at least min_size wide and high (+1 widths); min_size 0 keeps all (upstream's default)."""
+    ws, hs = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
+    return torch.nonzero((ws >= min_size) & (hs >= min_size)).squeeze(1)
+
+
+class BoxCoder:
+    """Encodes gt boxes as deltas (dx, dy, dw, dh) against reference boxes and decodes them back (spec 3.5)."""
+
+    def __init__(self, weights):
+        self.weights = weights
+
+    def encode(self, gt, ref):
+        wx, wy, ww, wh = self.weights
+        pw, ph = ref[:, 2] - ref[:, 0] + 1, ref[:, 3] - ref[:, 1] + 1
+        px, py = ref[:, 0] + 0.5 * pw, ref[:, 1] + 0.5 * ph
+        gw, gh = gt[:, 2] - gt[:, 0] + 1, gt[:, 3] - gt[:, 1] + 1
+        gx, gy = gt[:, 0] + 0.5 * gw, gt[:, 1] + 0.5 * gh
+        return torch.stack([wx * (gx - px) / pw, wy * (gy - py) / ph,
+                            ww * torch.log(gw / pw), wh * torch.log(gh / ph)], 1)
+
+    def decode(self, deltas, ref):
+        """deltas (R, 4k) against ref (R, 4) -> boxes (R, 4k); column block 4j..4j+3 is class j."""
+        ref = ref.to(deltas.dtype)
+        wx, wy, ww, wh = self.weights
+        pw, ph = ref[:, 2:3] - ref[:, 0:1] + 1, ref[:, 3:4] - ref[:, 1:2] + 1
+        px, py = ref[:, 0:1] + 0.5 * pw, ref[:, 1:2] + 0.5 * ph
+        dx, dy = deltas[:, 0::4] / wx, deltas[:, 1::4] / wy
+        dw = (deltas[:, 2::4] / ww).clamp(max=BBOX_XFORM_CLIP)  # upper clamp only, as upstream
+        dh = (deltas[:, 3::4] / wh).clamp(max=BBOX_XFORM_CLIP)
+        cx, cy = dx * pw + px, dy * ph + py
+        w, h = torch.exp(dw) * pw, torch.exp(dh) * ph
+        # x2 = cx + w/2 - 1: the legacy +1 convention's decode (spec 3.5)
+        out = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w - 1, cy + 0.5 * h - 1], 2)  # (R, k, 4)
+        return out.reshape(deltas.shape)
+
+
+BELOW_LOW, BETWEEN = -1, -2
+
+
+def match(iou, high, low, allow_low_quality):
+    """iou (G, P) -> matched gt index per prediction (P,), or BELOW_LOW (-1) / BETWEEN (-2) (spec 3.8)."""
+    if iou.numel() == 0:
+        raise ValueError(f"matcher got an empty IoU matrix of shape {tuple(iou.shape)}: no ground truth or no boxes")
+    vals, matches = iou.max(0)
+    originals = matches.clone()
+    matches[vals < low] = BELOW_LOW
+    matches[(vals >= low) & (vals < high)] = BETWEEN
+    if allow_low_quality:
+        # Every prediction attaining some gt's best IoU (ties included, even IoU 0) gets back its own argmax gt.
+        best = iou.max(1).values
+        preds = torch.nonzero(iou == best[:, None])[:, 1]
+        matches[preds] = originals[preds]
+    return matches
+
+
+def sample_pos_neg(labels, batch_size, positive_fraction):
+    """Random masks of at most batch_size*fraction positives (label >= 1) and negatives (== 0) to fill up."""
+    pos = torch.nonzero(labels >= 1).squeeze(1)
+    neg = torch.nonzero(labels == 0).squeeze(1)
+    num_pos = min(pos.numel(), int(batch_size * positive_fraction))
+    num_neg = min(neg.numel(), batch_size - num_pos)
+    pos = pos[torch.randperm(pos.numel(), device=pos.device)[:num_pos]]
+    neg = neg[torch.randperm(neg.numel(), device=neg.device)[:num_neg]]
+    pos_mask = torch.zeros_like(labels, dtype=torch.bool)
+    neg_mask = torch.zeros_like(labels, dtype=torch.bool)
+    pos_mask[pos] = True
+    neg_mask[neg] = True
+    return pos_mask, neg_mask
+
+
+def smooth_l1(x, beta):
+    ax = x.abs()
+    return torch.where(ax < beta, 0.5 * ax ** 2 / beta, ax - 0.5 * beta).sum()
+
+
+# ---- backbone
+
+class FrozenBatchNorm2d(nn.Module):
+    """y = x * weight / sqrt(running_var) + (bias - running_mean * scale). No epsilon (spec 3.2, pitfall 4);
+    four buffers, nothing trainable. In the backbone it is folded into the preceding conv (conv_norm)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.register_buffer("weight", torch.ones(n))
+        self.register_buffer("bias", torch.zeros(n))
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.register_buffer("running_var", torch.ones(n))
+
+    def scale_shift(self):
+        scale = self.weight * self.running_var.rsqrt()
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x):
+        scale, shift = self.scale_shift()
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+
+def make_norm(kind, channels):
+    if kind == "frozen_bn":
+        return FrozenBatchNorm2d(channels)
+    if kind == "gn":  # not upstream: a trainable norm for the from-scratch demo
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    raise ValueError(f"config field 'norm' must be 'frozen_bn' or 'gn', got {kind!r}")
+
+
+def conv_norm(x, conv, norm):
+    """norm(conv(x)). A FrozenBN is folded into the conv on the fly: conv(x, W * scale) + shift is the same
+    affine map (equal within float32 rounding), one kernel instead of two passes over the activation, and the
+    state dict keeps upstream's separate conv and bn entries. Autograd flows to W, so training uses it too."""
+    if isinstance(norm, FrozenBatchNorm2d):
+        scale, shift = norm.scale_shift()
+        w = conv.weight * scale.view(-1, 1, 1, 1)
+        return F.conv2d(x, w, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return norm(conv(x))
+
+
+class Bottleneck(nn.Module):
+    """1x1 (stride here: STRIDE_IN_1X1, MSRA) -> 3x3 -> 1x1, each with a norm, plus shortcut, ReLU (spec 3.2).
+    (N, cin, H, W) -> (N, cout, H/stride, W/stride)."""
+
+    def __init__(self, cin, mid, cout, stride, norm):
+        super().__init__()
+        if cin != cout:  # projection shortcut in every stage's first block, layer1 included; registered first
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), make_norm(norm, cout))
+        else:
+            self.downsample = None
+        self.conv1 = nn.Conv2d(cin, mid, 1, stride, bias=False)
+        self.bn1 = make_norm(norm, mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, 1, 1, bias=False)
+        self.bn2 = make_norm(norm, mid)
+        self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn3 = make_norm(norm, cout)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else conv_norm(x, self.downsample[0], self.downsample[1])
+        out = F.relu_(conv_norm(x, self.conv1, self.bn1))
+        out = F.relu_(conv_norm(out, self.conv2, self.bn2))
+        out = conv_norm(out, self.conv3, self.bn3)
+        return F.relu_(out + identity)
+
+
+class Stem(nn.Module):
+    def __init__(self, cout, norm):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, cout, 7, 2, 3, bias=False)
+        self.bn1 = make_norm(norm, cout)
+
+    def forward(self, x):
+        return F.max_pool2d(F.relu_(conv_norm(x, self.conv1, self.bn1)), 3, 2, 1)
+
+
+class ResNet(nn.Module):
+    """(N, 3, Hp, Wp) -> [C2, C3, C4, C5] with strides 4, 8, 16, 32 and channels 4w, 8w, 16w, 32w (w = width)."""
+
+    def __init__(self, stage_blocks, stem_channels, width, norm, freeze_at):
+        super().__init__()
+        self.stem = Stem(stem_channels, norm)
+        cin, self.out_channels = stem_channels, []
+        for i, blocks in enumerate(stage_blocks):
+            mid, cout = width * 2 ** i, width * 4 * 2 ** i
+            stride = 1 if i == 0 else 2
+            layer = nn.Sequential(*[Bottleneck(cin if b == 0 else cout, mid, cout, stride if b == 0 else 1, norm)
+                                    for b in range(blocks)])
+            self.add_module(f"layer{i + 1}", layer)
+            cin = cout
+            self.out_channels.append(cout)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)  # master's init; ImageNet weights overwrite it (spec 3.13)
+        # FREEZE_CONV_BODY_AT: stage 0 = stem, stage 1 = layer1 (spec 3.2)
+        for stage in [self.stem, self.layer1][:freeze_at]:
+            for p in stage.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, x):
+        x = self.stem(x)
+        outs = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            outs.append(x)
+        return outs
+
+
+class FPN(nn.Module):
+    """[C2..C5] -> [P2, P3, P4, P5, P6], all with `channels` channels (spec 3.3). fpn_inner_k / fpn_layer_k act
+    on C_{k+1} / P_{k+1}; P6 is P5 subsampled by 2 (upstream's max-pool with kernel 1)."""
+
+    def __init__(self, in_channels, channels):
+        super().__init__()
+        for k, cin in enumerate(in_channels, 1):
+            self.add_module(f"fpn_inner{k}", nn.Conv2d(cin, channels, 1))
+            self.add_module(f"fpn_layer{k}", nn.Conv2d(channels, channels, 3, 1, 1))
+        for m in self.children():
+            nn.init.kaiming_uniform_(m.weight, a=1)  # Caffe2 XavierFill (spec 3.13)
+            nn.init.zeros_(m.bias)
+        self.n = len(in_channels)
+
+    def forward(self, feats):
+        inner = getattr(self, f"fpn_inner{self.n}")(feats[-1])
+        outs = [getattr(self, f"fpn_layer{self.n}")(inner)]
+        for k in range(self.n - 1, 0, -1):
+            top_down = F.interpolate(inner, scale_factor=2, mode="nearest")
+            inner = getattr(self, f"fpn_inner{k}")(feats[k - 1]) + top_down
+            outs.insert(0, getattr(self, f"fpn_layer{k}")(inner))
+        outs.append(outs[-1][:, :, ::2, ::2])  # P6 = max_pool2d(P5, 1, 2)
+        return outs
+
+
+# ---- RPN
+
+def cell_anchors(stride, size, ratios):
+    """(A, 4) anchors of one location at the origin: Detectron's legacy generator (spec 3.4). Python's round is
+    half-to-even like numpy's, which the table depends on (s = 32, r = 0.5: round(22.5) = 22)."""
+    c = (stride - 1) / 2.0
+    rows = []
+    for r in ratios:
+        ws = round(math.sqrt(stride * stride / r))
+        hs = round(ws * r)
+        w, h = ws * size / stride, hs * size / stride
+        rows.append([c - 0.5 * (w - 1), c - 0.5 * (h - 1), c + 0.5 * (w - 1), c + 0.5 * (h - 1)])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+class BufferList(nn.Module):
+    """Buffers named 0, 1, ... so the keys read rpn.anchor_generator.cell_anchors.{i} as upstream's."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        for i, t in enumerate(tensors):
+            self.register_buffer(str(i), t)
+
+    def __iter__(self):
+        return iter(self._buffers.values())
+
+
+class AnchorGenerator(nn.Module):
+    """Feature-map sizes -> per level (Hf*Wf*A, 4) anchors in (y, x, a) order (spec 3.4)."""
+
+    def __init__(self, sizes, strides, ratios):
+        super().__init__()
+        self.strides = strides
+        self.cell_anchors = BufferList([cell_anchors(s, a, ratios) for s, a in zip(strides, sizes)])
+
+    def forward(self, feature_sizes):
+        out = []
+        for (hf, wf), s, base in zip(feature_sizes, self.strides, self.cell_anchors):
+            ys = torch.arange(hf, device=base.device, dtype=torch.float32) * s
+            xs = torch.arange(wf, device=base.device, dtype=torch.float32) * s
+            y, x = torch.meshgrid(ys, xs, indexing="ij")
+            shifts = torch.stack([x, y, x, y], -1).reshape(-1, 1, 4)  # (Hf*Wf, 1, 4)
+            out.append((shifts + base[None]).reshape(-1, 4))
+        return out
+
+
+class RPNHead(nn.Module):
+    """Per level (N, C, H, W) -> objectness logits (N, A, H, W) and deltas (N, 4A, H, W); shared by levels."""
+
+    def __init__(self, channels, num_anchors):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
+        self.cls_logits = nn.Conv2d(channels, num_anchors, 1)
+        self.bbox_pred = nn.Conv2d(channels, num_anchors * 4, 1)
+        for m in self.children():
+            nn.init.normal_(m.weight, std=0.01)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, feats):
+        logits, deltas = [], []
+        for f in feats:
+            t = F.relu(self.conv(f))
+            logits.append(self.cls_logits(t))
+            deltas.append(self.bbox_pred(t))
+        return logits, deltas
+
+
+class RPN(nn.Module):
+    """Features [P2..P6] -> proposals per image (R, 4) with objectness, plus the two RPN losses in training."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.anchor_generator = AnchorGenerator(cfg.anchor_sizes, cfg.anchor_strides, cfg.aspect_ratios)
+        self.head = RPNHead(cfg.fpn_channels, len(cfg.aspect_ratios))
+        self.coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+
+    def forward(self, feats, image_sizes, targets=None):
+        logits, deltas = self.head(feats)
+        anchors = self.anchor_generator([f.shape[-2:] for f in feats])
+        n = feats[0].shape[0]
+        # flatten to (N, Hf*Wf*A) and (N, Hf*Wf*A, 4) in the anchors' (y, x, a) order (spec 3.4)
+        logits = [o.permute(0, 2, 3, 1).reshape(n, -1) for o in logits]
+        deltas = [d.view(n, -1, 4, *d.shape[-2:]).permute(0, 3, 4, 1, 2).reshape(n, -1, 4) for d in deltas]
+        with torch.no_grad():
+            proposals = self.select_proposals(anchors, logits, deltas, image_sizes)
+        if not self.training:
+            return proposals, {}
+        return proposals, self.loss(torch.cat(anchors), torch.cat(logits, 1), torch.cat(deltas, 1),
+                                    image_sizes, targets)
+
+    def select_proposals(self, anchors, logits, deltas, image_sizes):
+        """Per level per image: top-k, decode, clip, NMS 0.7, keep post_nms_top_n; then across levels (spec 3.7)."""
+        cfg, train = self.cfg, self.training
+        pre_n = cfg.rpn_pre_nms_top_n_train if train else cfg.rpn_pre_nms_top_n_test
+        post_n = cfg.rpn_post_nms_top_n_train if train else cfg.rpn_post_nms_top_n_test
+        n = len(image_sizes)
+        boxes, scores = [[] for _ in range(n)], [[] for _ in range(n)]
+        for anc, logit, delta in zip(anchors, logits, deltas):
+            obj, idx = logit.sigmoid().topk(min(pre_n, logit.shape[1]), dim=1, sorted=True)  # (N, k)
+            for i in range(n):
+                b = self.coder.decode(delta[i, idx[i]], anc[idx[i]])
+                b = clip_boxes(b, image_sizes[i])
+                s = obj[i]
+                if cfg.rpn_min_size > 0:
+                    keep = remove_small_boxes(b, cfg.rpn_min_size)
+                    b, s = b[keep], s[keep]
+                keep = ops.nms(b, s, cfg.rpn_nms_thresh, offset=1)[:post_n]  # input score-sorted: top post_n
+                boxes[i].append(b[keep])
+                scores[i].append(s[keep])
+        boxes = [torch.cat(b) for b in boxes]
+        scores = [torch.cat(s) for s in scores]
+        if train and cfg.fpn_post_nms_per_batch:
+            # Upstream quirk (spec 3.7, pitfall 1): the training top-n spans the whole per-device batch; each
+            # image gets back its share in its original order.
+            all_scores = torch.cat(scores)
+            mask = torch.zeros_like(all_scores, dtype=torch.bool)
+            mask[all_scores.topk(min(cfg.fpn_post_nms_top_n_train, all_scores.numel()), sorted=True)[1]] = True
+            masks = mask.split([len(s) for s in scores])
+            return [(b[m], s[m]) for b, s, m in zip(boxes, scores, masks)]
+        top_n = cfg.fpn_post_nms_top_n_train if train else cfg.fpn_post_nms_top_n_test
+        out = []
+        for b, s in zip(boxes, scores):
+            s, keep = s.topk(min(top_n, s.numel()), sorted=True)
+            out.append((b[keep], s))
+        return out
+
+    def loss(self, anchors, logits, deltas, image_sizes, targets):
+        """anchors (P, 4), logits (N, P), deltas (N, P, 4) -> loss_objectness, loss_rpn_box_reg (spec 3.8-3.9)."""
+        cfg, t = self.cfg, self.cfg.straddle_thresh
+        labels, reg_targets = [], []
+        for (h, w), tgt in zip(image_sizes, targets):
+            gt = tgt["boxes"]
+            m = match(box_iou(gt, anchors), cfg.rpn_fg_iou, cfg.rpn_bg_iou, allow_low_quality=True)
+            lab = (m >= 0).to(torch.float32)
+            # visibility after matching, as upstream (pitfall 15): straddling anchors took part in the
+            # low-quality rule and are only now ignored
+            visible = (anchors[:, 0] >= -t) & (anchors[:, 1] >= -t) & (anchors[:, 2] < w + t) & (anchors[:, 3] < h + t)
+            lab[~visible] = -1
+            lab[m == BETWEEN] = -1
+            labels.append(lab)
+            reg_targets.append(self.coder.encode(gt[m.clamp(min=0)], anchors))
+        pos, neg = zip(*[sample_pos_neg(lab, cfg.rpn_batch_per_image, cfg.rpn_positive_fraction) for lab in labels])
+        pos, neg = torch.stack(pos), torch.stack(neg)  # (N, P)
+        sampled = pos | neg
+        labels, reg_targets = torch.stack(labels), torch.stack(reg_targets)
+        num = sampled.sum().clamp(min=1)
+        box_loss = smooth_l1(deltas[pos] - reg_targets[pos], beta=1.0 / 9) / num
+        obj_loss = F.binary_cross_entropy_with_logits(logits[sampled], labels[sampled])
+        return {"loss_objectness": obj_loss, "loss_rpn_box_reg": box_loss}
+
+
+# ---- RoI box head
+
+def map_levels(boxes, k_min=2, k_max=5):
+    """LevelMapper: +1 area, canonical size 224 at level 4, eps 1e-6 (spec 3.10) -> level index 0..k_max-k_min."""
+    s = box_area(boxes).sqrt()
+    k = torch.floor(4 + torch.log2(s / 224 + 1e-6))
+    return (k.clamp(k_min, k_max) - k_min).to(torch.int64)
+
+
+class Pooler(nn.Module):
+    """Legacy ROIAlign (aligned=False, sampling ratio 2) from the level each box maps to.
+    features [P2..P5], boxes per image [(R_i, 4)] -> (sum R_i, C, res, res)."""
+
+    def __init__(self, resolution, strides, sampling_ratio):
+        super().__init__()
+        self.resolution, self.scales, self.sampling_ratio = resolution, [1.0 / s for s in strides], sampling_ratio
+        self.k_min, self.k_max = round(math.log2(strides[0])), round(math.log2(strides[-1]))
+
+    def forward(self, feats, boxes):
+        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], 1) for i, b in enumerate(boxes)])  # (R, 5)
+        levels = map_levels(rois[:, 1:], self.k_min, self.k_max)
+        c, r = feats[0].shape[1], self.resolution
+        out = feats[0].new_zeros((len(rois), c, r, r))
+        for lvl, (f, scale) in enumerate(zip(feats, self.scales)):
+            idx = torch.nonzero(levels == lvl).squeeze(1)
+            if idx.numel():
+                out[idx] = ops.roi_align(f.contiguous(), rois[idx], (r, r), scale, self.sampling_ratio, aligned=False)
+        return out
+
+
+class FeatureExtractor(nn.Module):
+    """FPN2MLPFeatureExtractor: pool, flatten channel-major, fc6 + ReLU, fc7 + ReLU -> (R, mlp_dim)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        res = cfg.pooler_resolution
+        self.pooler = Pooler(res, cfg.anchor_strides[:4], cfg.pooler_sampling_ratio)  # P2..P5 only, P6 never
+        self.fc6 = nn.Linear(cfg.fpn_channels * res * res, cfg.mlp_dim)
+        self.fc7 = nn.Linear(cfg.mlp_dim, cfg.mlp_dim)
+        for fc in (self.fc6, self.fc7):
+            nn.init.kaiming_uniform_(fc.weight, a=1)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, feats, boxes):
+        x = self.pooler(feats, boxes).flatten(1)
+        return F.relu(self.fc7(F.relu(self.fc6(x))))
+
+
+class Predictor(nn.Module):
+    """FPNPredictor: (R, mlp_dim) -> class logits (R, K) and class-specific deltas (R, 4K)."""
+
+    def __init__(self, dim, num_classes):
+        super().__init__()
+        self.cls_score = nn.Linear(dim, num_classes)
+        self.bbox_pred = nn.Linear(dim, num_classes * 4)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x):
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class BoxHead(nn.Module):
+    """Proposals per image -> box losses (training) or detections per image (eval), spec 3.10-3.12."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.feature_extractor = FeatureExtractor(cfg)
+        self.predictor = Predictor(cfg.mlp_dim, cfg.num_classes)
+        self.coder = BoxCoder(cfg.bbox_reg_weights)
+
+    def forward(self, feats, proposals, image_sizes, targets=None):
+        if self.training:
+            proposals, labels, reg_targets = self.sample(proposals, targets)
+        logits, deltas = self.predictor(self.feature_extractor(feats, proposals))
+        if self.training:
+            return self.loss(logits, deltas, labels, reg_targets)
+        return self.postprocess(logits, deltas, proposals, image_sizes)
+
+    def sample(self, proposals, targets):
+        """Append the gt to each image's proposals (spec 3.7 step 8), match at 0.5, sample 512 at 0.25."""
+        cfg = self.cfg
+        out_boxes, out_labels, out_targets = [], [], []
+        for props, tgt in zip(proposals, targets):
+            gt, gt_labels = tgt["boxes"], tgt["labels"]
+            props = torch.cat([props, gt.to(props.dtype)])
+            m = match(box_iou(gt, props), cfg.roi_fg_iou, cfg.roi_bg_iou, allow_low_quality=False)
+            labels = gt_labels[m.clamp(min=0)].clone()
+            labels[m == BELOW_LOW] = 0
+            labels[m == BETWEEN] = -1
+            pos, neg = sample_pos_neg(labels, cfg.roi_batch_per_image, cfg.roi_positive_fraction)
+            keep = torch.nonzero(pos | neg).squeeze(1)  # sampled rois keep their original order
+            out_boxes.append(props[keep])
+            out_labels.append(labels[keep])
+            out_targets.append(self.coder.encode(gt[m[keep].clamp(min=0)], props[keep]))
+        return out_boxes, torch.cat(out_labels), torch.cat(out_targets)
+
+    def loss(self, logits, deltas, labels, reg_targets):
+        """Cross-entropy mean over sampled rois; smooth-L1 (beta 1) of the gt class's deltas summed over
+        positives, divided by all sampled rois (spec 3.11)."""
+        pos = torch.nonzero(labels > 0).squeeze(1)
+        cols = 4 * labels[pos, None] + torch.arange(4, device=labels.device)  # (P, 4)
+        box_loss = smooth_l1(deltas[pos[:, None], cols] - reg_targets[pos], beta=1.0) / max(labels.numel(), 1)
+        return {"loss_classifier": F.cross_entropy(logits, labels), "loss_box_reg": box_loss}
+
+    def postprocess(self, logits, deltas, proposals, image_sizes):
+        """Softmax, decode every class, clip, per class score > thresh and NMS, cap per image (spec 3.12)."""
+        cfg, k = self.cfg, logits.shape[1]
+        probs = F.softmax(logits, -1)
+        counts = [len(p) for p in proposals]
+        results = []
+        for prob, delta, props, size in zip(probs.split(counts), deltas.split(counts), proposals, image_sizes):
+            boxes = clip_boxes(self.coder.decode(delta, props), size).view(-1, k, 4)
+            # candidates in (class, proposal) order, background skipped; strict '>' as upstream
+            cls, idx = torch.nonzero(prob[:, 1:].t() > cfg.score_thresh, as_tuple=True)
+            cls = cls + 1
+            b, s = boxes[idx, cls], prob[idx, cls]
+            # Class-wise NMS in one batched call: classes never suppress each other, same set as a loop. Sorting
+            # the kept indices restores upstream's order (by class, then proposal index).
+            keep = ops.batched_nms(b, s, cls, cfg.nms_thresh, offset=1).sort().values
+            b, s, cls = b[keep], s[keep], cls[keep]
+            if len(s) > cfg.detections_per_img > 0:
+                # kth-smallest threshold, ties kept: may leave slightly more than the cap, as upstream
+                thresh = s.cpu().kthvalue(len(s) - cfg.detections_per_img + 1).values.item()
+                keep = torch.nonzero(s >= thresh).squeeze(1)
+                b, s, cls = b[keep], s[keep], cls[keep]
+            results.append({"boxes": b, "scores": s, "labels": cls})
+        return results
+
+
+class RoIHeads(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.box = BoxHead(cfg)
+
+    def forward(self, feats, proposals, image_sizes, targets=None):
+        return self.box(feats, proposals, image_sizes, targets)
+
+
+class FasterRCNN(nn.Module):
+    """model(images (N, 3, Hp, Wp) BGR-255 minus mean, zero-padded to 32; image_sizes [(h, w)]; targets
+    [{"boxes": (G, 4) float32 +1 xyxy in resized pixels, "labels": (G,) int64 1..K-1}] in training).
+    Training: {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}.
+    Eval: per image {"boxes" (D, 4) in resized-input pixels, "scores" (D,), "labels" (D,) int64 1..K-1}."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        body = ResNet(cfg.stage_blocks, cfg.stem_channels, cfg.width_per_group, cfg.norm, cfg.freeze_at)
+        self.backbone = nn.Sequential()
+        self.backbone.add_module("body", body)
+        self.backbone.add_module("fpn", FPN(body.out_channels, cfg.fpn_channels))
+        self.rpn = RPN(cfg)
+        self.roi_heads = RoIHeads(cfg)
+        self.cfg = cfg
+
+    def forward(self, images, image_sizes, targets=None):
+        image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
+        if self.training:
+            if targets is None:
+                raise ValueError("FasterRCNN in training mode needs targets")
+            for i, t in enumerate(targets):
+                if len(t["boxes"]) == 0:  # upstream raises here too (spec 3.8); the trainer skips such batches
+                    raise ValueError(f"image {i} of the batch has no ground-truth boxes")
+        # channels_last: oneDNN/cuDNN convolutions run in NHWC without reordering in and out each layer
+        feats = self.backbone(images.contiguous(memory_format=torch.channels_last))
+        proposals, rpn_losses = self.rpn(feats, image_sizes, targets)
+        boxes = [b for b, _ in proposals]
+        out = self.roi_heads(feats[:4], boxes, image_sizes, targets)
+        if self.training:
+            return {**rpn_losses, **out}
+        return out
+
+
+def build_model(cfg):
+    return FasterRCNN(cfg)
