@@ -1,4 +1,4 @@
-"""Data: COCO-format datasets, upstream's transforms (maskrcnn-benchmark, ../shared/spec section 3.1 and 5),
+"""Data: COCO-format datasets, upstream's transforms (maskrcnn-benchmark, ../shared/spec sections 3.1 and 5),
 batching, samplers, and the built-in demo data set.
 
 Test-time preprocessing, used by evaluate.py and by anyone feeding the model:
@@ -6,10 +6,28 @@ Test-time preprocessing, used by evaluate.py and by anyone feeding the model:
     w, h = resize_size(*img.size, cfg.min_size_test, cfg.max_size_test)
     x = to_model_tensor(img.resize((w, h), Image.BILINEAR), cfg.pixel_mean)   # (3, h, w) BGR 0..255 - mean
     batch, image_sizes = pad_batch([x], cfg.size_divisibility)                 # (1, 3, Hp, Wp), [(h, w)]
+
+Loaders (both yield (images (N,3,Hp,Wp), image_sizes [(h, w)], targets [dict], dataset indices [int])):
+    loader = make_train_loader(cfg, rank, world_size, start_iter=0, sampler_state=None)  # endless; per-rank
+    loader.state(it)            # the sampler position after `it` iterations: store it in the checkpoint
+    loader = make_test_loader(cfg, split=None, rank=0, world_size=1)  # every image once, contiguous shards
+    loader.dataset              # CocoDetection: .coco, .ids, .cat_ids, .names, .label_to_cat_id
+A target is {"boxes": (G,4) float32 legacy xyxy in resized pixels, "labels": (G,) int64 in 1..K,
+"image_id": json id, "orig_size": (h, w) of the file}. Resuming replays the batch stream from (seed, epoch),
+so a resumed run sees exactly the images and augmentations an uninterrupted one would have seen.
+    make_demo_dataset(root, seed=0)  # the built-in demo: generated shapes in COCO layout, written once
 """
+import contextlib
+import io
+import json
+import math
+import os
+import random
+
 import numpy as np
 import torch
-from PIL import Image
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageDraw, ImageFilter
 
 
 def load_image(path):
@@ -62,3 +80,229 @@ def pad_batch(tensors, size_divisibility=32):
     for b, t in zip(batch, tensors):
         b[:, : t.shape[1], : t.shape[2]].copy_(t)
     return batch, list(zip(hs, ws))
+
+
+def legacy_boxes(xywh, width, height):
+    """COCO [x, y, w, h] rows -> (G, 4) legacy xyxy (x2 = x + max(w - 1, 0)) clipped to [0, W-1] x [0, H-1],
+    and the keep mask: finite with x2 > x1 and y2 > y1, which drops every box of w <= 1 or h <= 1 (upstream)."""
+    b = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)
+    x1, y1 = b[:, 0], b[:, 1]
+    x2, y2 = x1 + np.maximum(b[:, 2] - 1, 0), y1 + np.maximum(b[:, 3] - 1, 0)
+    out = np.stack([np.clip(x1, 0, width - 1), np.clip(y1, 0, height - 1),
+                    np.clip(x2, 0, width - 1), np.clip(y2, 0, height - 1)], 1)
+    keep = np.isfinite(b).all(1) & (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+    return out.astype(np.float32), keep
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """A COCO-format split, root/annotations/instances_{split}.json with images in root/{split}/. Classes come
+    from the json's categories: label = 1 + position in getCatIds(), 0 is background. Training drops crowd
+    boxes, boxes without positive area and the images left with none; evaluation keeps every image.
+    Item: dataset[i] (test transform) or dataset[(i, rng_key)] (training augmentation drawn from rng_key)
+    -> (image (3, H, W) float32, target dict, i)."""
+
+    def __init__(self, root, split, cfg, train):
+        ann = os.path.join(root, "annotations", f"instances_{split}.json")
+        if not os.path.isfile(ann):
+            raise FileNotFoundError(f"no annotation file {ann}: the data root {root!r} must hold COCO's layout, "
+                                    f"annotations/instances_{split}.json and {split}/ (set data_root=...)")
+        from pycocotools.coco import COCO
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+            self.coco = COCO(ann)
+        self.root, self.split, self.cfg, self.train = root, split, cfg, train
+        self.cat_ids = self.coco.getCatIds()
+        self.names = ["__background__"] + [self.coco.cats[c]["name"] for c in self.cat_ids]
+        self.cat_id_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        self.label_to_cat_id = {i + 1: c for i, c in enumerate(self.cat_ids)}
+        self.ids, self.boxes, self.labels = [], [], []
+        for img_id in sorted(self.coco.imgs):  # upstream sorts by image id
+            info = self.coco.imgs[img_id]
+            anns = [a for a in self.coco.imgToAnns.get(img_id, []) if not a.get("iscrowd", 0)]
+            for a in anns:
+                if a.get("category_id") not in self.cat_id_to_label:
+                    raise ValueError(f"{ann}: annotation {a.get('id')} of image {img_id} has category_id "
+                                     f"{a.get('category_id')!r}, which is not in 'categories'")
+            boxes, keep = legacy_boxes([a["bbox"] for a in anns], info["width"], info["height"])
+            labels = np.array([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=np.int64)
+            if train and not keep.any():
+                continue  # upstream would crash on an image with no boxes; it is no use in training
+            self.ids.append(img_id)
+            self.boxes.append(boxes[keep])
+            self.labels.append(labels[keep])
+        self.aspect_group = np.array([int(self.coco.imgs[i]["height"] >= self.coco.imgs[i]["width"])
+                                      for i in self.ids], dtype=np.int64)  # upstream: h/w < 1 -> 0, else 1
+
+    def __len__(self):
+        return len(self.ids)
+
+    def path(self, index):
+        return os.path.join(self.root, self.split, self.coco.imgs[self.ids[index]]["file_name"])
+
+    def __getitem__(self, key):
+        index, rng = (int(key), None) if isinstance(key, (int, np.integer)) else (key[0], random.Random(key[1]))
+        img = load_image(self.path(index))
+        w, h = img.size
+        boxes = self.boxes[index].copy()
+        labels = self.labels[index]
+        info = self.coco.imgs[self.ids[index]]
+        if (w, h) != (info["width"], info["height"]):  # the file disagrees with the json: clip to the file
+            boxes = np.concatenate([np.minimum(boxes[:, :2], [w - 1, h - 1]), np.minimum(boxes[:, 2:], [w - 1, h - 1])], 1)
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            boxes, labels = boxes[keep], labels[keep]
+        img, boxes, keep = transform(img, boxes, self.cfg, rng)
+        target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels[keep]),
+                  "image_id": self.ids[index], "orig_size": (h, w)}
+        return to_model_tensor(img, self.cfg.pixel_mean), target, index
+
+
+def random_crop(img, boxes, size, rng, tries=10):
+    """Crop a size x size window (clamped to the image) so that at least one box keeps positive area: up to
+    `tries` random windows, then one placed at a random box's top-left corner, which always keeps that box.
+    Boxes are shifted, clipped to the window in legacy pixels and dropped when they lose all area."""
+    w, h = img.size
+    cw, ch = min(size, w), min(size, h)
+    for t in range(tries + 1):
+        if t < tries or not len(boxes):
+            x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        else:
+            b = boxes[rng.randrange(len(boxes))]
+            x0, y0 = min(int(b[0]), w - cw), min(int(b[1]), h - ch)
+        out = boxes - np.array([x0, y0, x0, y0], dtype=np.float32)
+        out = np.clip(out, 0, [cw - 1, ch - 1, cw - 1, ch - 1]).astype(np.float32)
+        keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+        if keep.any() or not len(boxes):
+            break
+    return img.crop((x0, y0, x0 + cw, y0 + ch)), out, keep
+
+
+def transform(img, boxes, cfg, rng):
+    """Upstream's pipeline: resize (short side drawn from min_size_train when training), flip p=flip_prob after
+    the resize; plus the MLU recipe's options: crop (crop_size), fixed resize (fixed_size), colour jitter.
+    rng None means test time: resize only. Returns (PIL image, boxes (G', 4), keep mask over the input boxes)."""
+    keep = np.ones(len(boxes), dtype=bool)
+    if rng is not None and cfg.crop_size > 0:
+        img, boxes, keep = random_crop(img, boxes, cfg.crop_size, rng)
+        boxes = boxes[keep]
+    w, h = img.size
+    if cfg.fixed_size > 0:
+        nw = nh = cfg.fixed_size
+    elif rng is None:
+        nw, nh = resize_size(w, h, cfg.min_size_test, cfg.max_size_test)
+    else:
+        nw, nh = resize_size(w, h, rng.choice(cfg.min_size_train), cfg.max_size_train)
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BILINEAR)  # PIL bilinear, antialiased when shrinking, as upstream
+        boxes = boxes * np.array([nw / w, nh / h, nw / w, nh / h], dtype=np.float32)  # no +1 (upstream)
+    if rng is not None and rng.random() < cfg.flip_prob:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        boxes = np.stack([nw - boxes[:, 2] - 1, boxes[:, 1], nw - boxes[:, 0] - 1, boxes[:, 3]], 1)  # legacy +1
+    if rng is not None and (cfg.brightness or cfg.contrast or cfg.saturation or cfg.hue):
+        img = color_jitter(img, cfg, rng)
+    return img, np.ascontiguousarray(boxes, dtype=np.float32).reshape(-1, 4), keep
+
+
+def color_jitter(img, cfg, rng):
+    """torchvision ColorJitter's factors (uniform in [1-s, 1+s], hue in [-h, h]) in a random order, drawn from
+    the sample's own rng so a resumed run repeats them."""
+    ops = [(TF.adjust_brightness, cfg.brightness, 1), (TF.adjust_contrast, cfg.contrast, 1),
+           (TF.adjust_saturation, cfg.saturation, 1), (TF.adjust_hue, cfg.hue, 0)]
+    rng.shuffle(ops)
+    for fn, s, center in ops:
+        if s > 0:
+            img = fn(img, rng.uniform(max(0.0, center - s), center + s) if center else rng.uniform(-s, s))
+    return img
+
+
+class Collate:
+    """List of dataset items -> (images (N, 3, Hp, Wp) zero-padded, image_sizes [(h, w)], targets, indices)."""
+
+    def __init__(self, size_divisibility):
+        self.size_divisibility = size_divisibility
+
+    def __call__(self, items):
+        images, image_sizes = pad_batch([x for x, _, _ in items], self.size_divisibility)
+        return images, image_sizes, [t for _, t, _ in items], [i for _, _, i in items]
+
+
+class TrainBatchSampler(torch.utils.data.Sampler):
+    """Endless per-rank batches of (index, rng_key). Epoch e shuffles all images with a generator seeded by
+    (seed, e); images are dealt into their aspect group (or one group) and every ims_per_batch of a group make
+    one global batch, whose rank-th slice this rank loads. A group's remainder carries into the next epoch, so
+    every global batch is full and every rank gets the same count (no distributed hang). The stream depends
+    only on (seed, data set size, ims_per_batch, groups), never on the world size or workers: resuming skips
+    start_iter global batches of it."""
+
+    def __init__(self, groups, ims_per_batch, rank=0, world_size=1, seed=0, start_iter=0):
+        assert ims_per_batch % world_size == 0, (ims_per_batch, world_size)
+        assert len(groups) > 0, "no training images"
+        self.groups, self.batch, self.seed, self.start_iter = np.asarray(groups), ims_per_batch, seed, start_iter
+        self.per_rank, self.rank = ims_per_batch // world_size, rank
+
+    def global_batches(self):
+        buffers, epoch = {}, 0
+        while True:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
+            for i in perm.tolist():
+                buf = buffers.setdefault(self.groups[i], [])
+                buf.append(i)
+                if len(buf) == self.batch:
+                    yield buf
+                    buffers[self.groups[i]] = []
+            epoch += 1
+
+    def __iter__(self):
+        lo = self.rank * self.per_rank
+        for it, batch in enumerate(self.global_batches()):
+            if it >= self.start_iter:
+                yield [(i, f"{self.seed}:{it}:{lo + j}") for j, i in enumerate(batch[lo: lo + self.per_rank])]
+
+    def state(self, iteration):
+        return {"iteration": iteration, "seed": self.seed, "ims_per_batch": self.batch, "num_images": len(self.groups)}
+
+
+def make_train_loader(cfg, rank=0, world_size=1, start_iter=0, sampler_state=None):
+    """Endless training loader for this rank; loader.state(it) is the sampler position to checkpoint."""
+    dataset = CocoDetection(cfg.data_root, cfg.train_split, cfg, train=True)
+    groups = dataset.aspect_group if cfg.aspect_grouping else np.zeros(len(dataset), dtype=np.int64)
+    seed = cfg.seed
+    if sampler_state:
+        if (sampler_state["ims_per_batch"], sampler_state["num_images"]) != (cfg.ims_per_batch, len(dataset)):
+            print(f"data: warning: the checkpoint's sampler ran {sampler_state['ims_per_batch']} images per batch "
+                  f"over {sampler_state['num_images']} images, now {cfg.ims_per_batch} over {len(dataset)}: "
+                  f"the resumed batches differ from an uninterrupted run's")
+        seed, start_iter = sampler_state["seed"], sampler_state["iteration"]
+    sampler = TrainBatchSampler(groups, cfg.ims_per_batch, rank, world_size, seed, start_iter)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=Collate(cfg.size_divisibility),
+        pin_memory=_pin(cfg), persistent_workers=cfg.num_workers > 0)
+    loader.state = sampler.state
+    return loader
+
+
+def _pin(cfg):
+    return cfg.device.startswith("cuda") and torch.cuda.is_available()
+
+
+def test_batches(groups, indices, batch_size):
+    """Upstream's grouped test batches: per aspect group, consecutive chunks of batch_size in index order."""
+    buffers, out = {}, []
+    for i in indices:
+        buf = buffers.setdefault(groups[i], [])
+        buf.append(i)
+        if len(buf) == batch_size:
+            out.append(buf)
+            buffers[groups[i]] = []
+    out += [b for b in buffers.values() if b]
+    return sorted(out, key=lambda b: b[0])
+
+
+def make_test_loader(cfg, split=None, rank=0, world_size=1):
+    """Every image of the split once; rank r takes the r-th contiguous block of indices (upstream's shards),
+    test_ims_per_batch // world_size images per forward, grouped by aspect when aspect_grouping."""
+    dataset = CocoDetection(cfg.data_root, split or cfg.val_split, cfg, train=False)
+    per = math.ceil(len(dataset) / world_size)
+    indices = list(range(rank * per, min(len(dataset), (rank + 1) * per)))
+    groups = dataset.aspect_group if cfg.aspect_grouping else np.zeros(len(dataset), dtype=np.int64)
+    batches = test_batches(groups, indices, max(1, cfg.test_ims_per_batch // world_size))
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+                                       collate_fn=Collate(cfg.size_divisibility), pin_memory=_pin(cfg))
