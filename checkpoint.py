@@ -1,0 +1,194 @@
+"""Weights in and out: upstream maskrcnn-benchmark checkpoints (.pth), Detectron's ImageNet pickles (R-50.pkl,
+R-101.pkl) and our own checkpoints (../shared/spec/maskrcnn_benchmark.md section 4).
+
+    load_weights(model, "e2e_faster_rcnn_R_101_FPN_1x.pth")   # upstream or ours; refuses a partial load
+    load_weights(model, "ours.pth", skip_predictor=True)       # fine-tune with another class count
+    load_detectron_pickle(model, "R-101.pkl")                  # backbone init; 312 tensors for R-101
+    save(path, model, cfg, optimizer=..., iteration=...)       # one dict, written atomically
+    ckpt = load(path)                                          # {"model", "config"?, ...}
+
+Loading never runs code from the file: torch.load(weights_only=True), and a restricted unpickler for pickles.
+"""
+import importlib
+import os
+import pickle
+
+import numpy as np
+import torch
+
+import config
+
+PREDICTOR_KEYS = ("roi_heads.box.predictor.cls_score.", "roi_heads.box.predictor.bbox_pred.")
+
+
+class CheckpointError(RuntimeError):
+    """A weights file that cannot be used as asked: the message names the file and the offending keys."""
+
+
+def load(path):
+    """The checkpoint dict of a .pth file, without running code from it (weights_only)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing to load {path!r}: it holds objects other than tensors and plain "
+                              f"containers ({str(e).splitlines()[0]})") from None
+
+
+def model_state(ckpt):
+    """The state dict inside an upstream or own checkpoint ({"model": ...}) or a bare state dict, with
+    DistributedDataParallel's "module." prefix removed when every key carries it (as upstream, spec 4.2)."""
+    sd = ckpt["model"] if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) else ckpt
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError("no state dict found: expected {'model': {name: tensor}} or {name: tensor}")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _names(keys, limit=8):
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_state(model, sd, source, skip_predictor=False):
+    """Load sd into model by exact name. Missing, unexpected and shape-mismatched keys are reported by name and
+    refused, so the model never runs half-loaded. skip_predictor leaves cls_score and bbox_pred at their
+    initialisation (fine-tuning with another class count) and says so."""
+    own = model.state_dict()
+    if skip_predictor:
+        skipped = sorted(k for k in own if k.startswith(PREDICTOR_KEYS))
+        sd = {k: v for k, v in sd.items() if not k.startswith(PREDICTOR_KEYS)}
+        print(f"checkpoint: not loading the class-dependent predictor layers ({', '.join(skipped)}); "
+              f"they keep their initialisation for {model.cfg.num_classes} classes")
+    missing = [k for k in own if k not in sd and not (skip_predictor and k.startswith(PREDICTOR_KEYS))]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})"
+                  for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"{source} does not fit this model ({model.cfg.stage_blocks} blocks, {model.cfg.num_classes} classes):"]
+        if missing:
+            lines.append(f"  missing {len(missing)}: {_names(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected {len(unexpected)}: {_names(unexpected)}")
+        if mismatched:
+            lines.append(f"  shape mismatch {len(mismatched)}: {_names(mismatched)}")
+        if any(k.startswith(PREDICTOR_KEYS) for k in mismatched) and not skip_predictor:
+            lines.append("  (another class count? load with skip_predictor=True to fine-tune)")
+        raise CheckpointError("\n".join(lines))
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v)
+    return len(sd)
+
+
+def load_weights(model, path, skip_predictor=False):
+    """Load an upstream .pth (with or without "module.") or one of ours into model; returns the checkpoint."""
+    ckpt = load(path)
+    n = load_state(model, model_state(ckpt), repr(path), skip_predictor)
+    print(f"checkpoint: loaded {n} tensors from {path}")
+    return ckpt
+
+
+def save(path, model, cfg, **extra):
+    """One dict: the unwrapped model's state, the resolved config and whatever resuming needs (optimizer,
+    iteration, ...). Written to a temporary file and renamed, so a crash never leaves a half-written file."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    ckpt = {"model": model.state_dict(), "config": config.to_dict(cfg), **extra}
+    tmp = f"{path}.tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+# ---- Detectron / Caffe2 ImageNet pickles (spec 4.4)
+
+def _numpy_global(module, name):
+    # numpy 2 moved numpy.core to numpy._core; pickles from either era name either
+    mod = module.replace("numpy.core", "numpy._core") if hasattr(np, "_core") else module
+    return getattr(importlib.import_module(mod), name)
+
+
+_ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+            ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits numpy arrays, numpy dtypes/scalars and plain containers; any other global is refused."""
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED:
+            return _numpy_global(module, name) if module.startswith("numpy") else getattr(
+                importlib.import_module(module), name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+def read_pickle(path):
+    """{blob name: numpy array} of a Detectron pickle (Python-2 latin1; "blobs" sub-dict when present),
+    "_momentum" blobs dropped."""
+    try:
+        with open(path, "rb") as f:
+            data = _RestrictedUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing to load {path!r}: it is not a plain pickle of arrays ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("blobs"), dict):
+        data = data["blobs"]
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path!r} holds a {type(data).__name__}, expected a dict of blobs")
+    return {k: v for k, v in data.items() if "_momentum" not in k}
+
+
+def rename_caffe2(name):
+    """Upstream's Caffe2 -> PyTorch name rules, in upstream's order (spec 4.4; mask/keypoint/GN rules left out)."""
+    s = {"pred_w": "fc1000_w", "pred_b": "fc1000_b"}.get(name, name)  # whole names only (X-101's classifier)
+    s = s.replace("_", ".").replace(".w", ".weight").replace(".bn", "_bn").replace(".b", ".bias")
+    s = s.replace("_bn.s", "_bn.scale").replace(".biasranch", ".branch")  # repairs the ".b" rule
+    s = s.replace("bbox.pred", "bbox_pred").replace("cls.score", "cls_score").replace("res.conv1_", "conv1_")
+    s = s.replace(".biasbox", ".bbox").replace("conv.rpn", "rpn.conv").replace("rpn.bbox.pred", "rpn.bbox_pred")
+    s = s.replace("rpn.cls.logits", "rpn.cls_logits").replace("_bn.scale", "_bn.weight").replace("conv1_bn.", "bn1.")
+    for n in range(2, 6):
+        s = s.replace(f"res{n}.", f"layer{n - 1}.")
+    for i, c in (("a", 1), ("b", 2), ("c", 3)):
+        s = s.replace(f".branch2{i}.", f".conv{c}.").replace(f".branch2{i}_bn.", f".bn{c}.")
+    s = s.replace(".branch1.", ".downsample.0.").replace(".branch1_bn.", ".downsample.1.")
+    # FPN blobs of Detectron detection models; upstream matches only each stage's last block index, which is
+    # the only one such files contain
+    for k in (1, 2, 3):
+        if s.startswith(f"fpn.inner.layer{k}.") and ".sum.lateral" in s:
+            s = f"fpn_inner{k}" + s[s.index(".sum.lateral") + len(".sum.lateral"):]
+    if s.startswith("fpn.inner.layer4.") and ".sum." in s:
+        s = "fpn_inner4" + s[s.index(".sum") + len(".sum"):]
+    if s.startswith("fpn.layer") and ".sum." in s:
+        s = f"fpn_layer{s[len('fpn.layer')]}" + s[s.index(".sum") + len(".sum"):]
+    s = s.replace("rpn.conv.fpn2", "rpn.conv").replace("rpn.bbox_pred.fpn2", "rpn.bbox_pred")
+    s = s.replace("rpn.cls_logits.fpn2", "rpn.cls_logits")
+    return s.replace("rpn.", "rpn.head.")
+
+
+def load_detectron_pickle(model, path):
+    """Load Detectron ImageNet weights with upstream's renaming and suffix matching (for each model key the
+    longest loaded name it ends with). Returns the number of model tensors loaded (312 for R-101); everything
+    else (running stats, FPN, RPN, box head) keeps its initialisation, as upstream."""
+    blobs = {rename_caffe2(k): v for k, v in read_pickle(path).items()}
+    own = model.state_dict()
+    loaded, used = 0, set()
+    with torch.no_grad():
+        for key in sorted(own):
+            matches = [k for k in blobs if key.endswith(k)]
+            if not matches:
+                continue
+            name = max(matches, key=len)
+            value = torch.as_tensor(np.asarray(blobs[name], dtype=np.float32))
+            if value.shape != own[key].shape:
+                raise CheckpointError(f"{path!r}: blob for {name!r} has shape {tuple(value.shape)}, model key "
+                                      f"{key!r} wants {tuple(own[key].shape)} (another depth?)")
+            own[key].copy_(value)
+            loaded += 1
+            used.add(name)
+    unused = sorted(set(blobs) - used)
+    print(f"checkpoint: loaded {loaded} tensors from {path}; unused blobs: {_names(unused, 6) or 'none'}")
+    if loaded == 0:
+        raise CheckpointError(f"{path!r}: no blob matched a model key; is it a Detectron ImageNet pickle?")
+    return loaded
