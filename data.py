@@ -86,13 +86,12 @@ def pad_batch(tensors, size_divisibility=32):
 def legacy_boxes(xywh, width, height):
     """COCO [x, y, w, h] rows -> (G, 4) legacy xyxy (x2 = x + max(w - 1, 0)) clipped to [0, W-1] x [0, H-1],
     and the keep mask: finite with x2 > x1 and y2 > y1, which drops every box of w <= 1 or h <= 1 (upstream)."""
-    b = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(xywh, dtype=np.float32).reshape(-1, 4)  # float32 arithmetic, as upstream's BoxList
     x1, y1 = b[:, 0], b[:, 1]
     x2, y2 = x1 + np.maximum(b[:, 2] - 1, 0), y1 + np.maximum(b[:, 3] - 1, 0)
-    out = np.stack([np.clip(x1, 0, width - 1), np.clip(y1, 0, height - 1),
-                    np.clip(x2, 0, width - 1), np.clip(y2, 0, height - 1)], 1)
+    out = np.clip(np.stack([x1, y1, x2, y2], 1), 0, np.array([width - 1, height - 1] * 2, np.float32))
     keep = np.isfinite(b).all(1) & (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
-    return out.astype(np.float32), keep
+    return out, keep
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -130,8 +129,8 @@ class CocoDetection(torch.utils.data.Dataset):
             self.ids.append(img_id)
             self.boxes.append(boxes[keep])
             self.labels.append(labels[keep])
-        self.aspect_group = np.array([int(self.coco.imgs[i]["height"] >= self.coco.imgs[i]["width"])
-                                      for i in self.ids], dtype=np.int64)  # upstream: h/w < 1 -> 0, else 1
+        self.sizes = [(self.coco.imgs[i]["width"], self.coco.imgs[i]["height"]) for i in self.ids]  # (w, h)
+        self.aspect_group = np.array([int(h >= w) for w, h in self.sizes], dtype=np.int64)  # upstream: h/w < 1 -> 0
 
     def __len__(self):
         return len(self.ids)
@@ -145,11 +144,10 @@ class CocoDetection(torch.utils.data.Dataset):
         w, h = img.size
         boxes = self.boxes[index].copy()
         labels = self.labels[index]
-        info = self.coco.imgs[self.ids[index]]
-        if (w, h) != (info["width"], info["height"]):  # the file disagrees with the json: clip to the file
-            boxes = np.concatenate([np.minimum(boxes[:, :2], [w - 1, h - 1]), np.minimum(boxes[:, 2:], [w - 1, h - 1])], 1)
-            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-            boxes, labels = boxes[keep], labels[keep]
+        if (w, h) != self.sizes[index]:  # the file disagrees with the json: clip to the file, as upstream
+            boxes = np.minimum(boxes, np.array([w - 1, h - 1, w - 1, h - 1], np.float32))
+            ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            boxes, labels = boxes[ok], labels[ok]
         img, boxes, keep = transform(img, boxes, self.cfg, rng)
         target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels[keep]),
                   "image_id": self.ids[index], "orig_size": (h, w)}
