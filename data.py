@@ -223,6 +223,15 @@ class Collate:
         return images, image_sizes, [t for _, t, _ in items], [i for _, _, i in items]
 
 
+def group_batches(groups, indices, batch_size, buffers):
+    """Deal indices into their group's buffer; yield each buffer the moment it holds batch_size indices.
+    Upstream's GroupedBatchSampler makes the same batches; what is left stays in `buffers`."""
+    for i in indices:
+        buffers.setdefault(groups[i], []).append(i)
+        if len(buffers[groups[i]]) == batch_size:
+            yield buffers.pop(groups[i])
+
+
 class TrainBatchSampler(torch.utils.data.Sampler):
     """Endless per-rank batches of (index, rng_key). Epoch e shuffles all images with a generator seeded by
     (seed, e); images are dealt into their aspect group (or one group) and every ims_per_batch of a group make
@@ -240,13 +249,8 @@ class TrainBatchSampler(torch.utils.data.Sampler):
     def global_batches(self):
         buffers, epoch = {}, 0
         while True:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.groups))
-            for i in perm.tolist():
-                buf = buffers.setdefault(self.groups[i], [])
-                buf.append(i)
-                if len(buf) == self.batch:
-                    yield buf
-                    buffers[self.groups[i]] = []
+            yield from group_batches(self.groups, np.random.default_rng([self.seed, epoch]).permutation(
+                len(self.groups)).tolist(), self.batch, buffers)
             epoch += 1
 
     def __iter__(self):
@@ -282,19 +286,6 @@ def _pin(cfg):
     return cfg.device.startswith("cuda") and torch.cuda.is_available()
 
 
-def test_batches(groups, indices, batch_size):
-    """Upstream's grouped test batches: per aspect group, consecutive chunks of batch_size in index order."""
-    buffers, out = {}, []
-    for i in indices:
-        buf = buffers.setdefault(groups[i], [])
-        buf.append(i)
-        if len(buf) == batch_size:
-            out.append(buf)
-            buffers[groups[i]] = []
-    out += [b for b in buffers.values() if b]
-    return sorted(out, key=lambda b: b[0])
-
-
 def make_test_loader(cfg, split=None, rank=0, world_size=1):
     """Every image of the split once; rank r takes the r-th contiguous block of indices (upstream's shards),
     test_ims_per_batch // world_size images per forward, grouped by aspect when aspect_grouping."""
@@ -302,7 +293,9 @@ def make_test_loader(cfg, split=None, rank=0, world_size=1):
     per = math.ceil(len(dataset) / world_size)
     indices = list(range(rank * per, min(len(dataset), (rank + 1) * per)))
     groups = dataset.aspect_group if cfg.aspect_grouping else np.zeros(len(dataset), dtype=np.int64)
-    batches = test_batches(groups, indices, max(1, cfg.test_ims_per_batch // world_size))
+    buffers = {}
+    batches = list(group_batches(groups, indices, max(1, cfg.test_ims_per_batch // world_size), buffers))
+    batches = sorted(batches + [b for b in buffers.values() if b], key=lambda b: b[0])  # leftovers: smaller
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
                                        collate_fn=Collate(cfg.size_divisibility), pin_memory=_pin(cfg))
 

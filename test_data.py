@@ -199,8 +199,9 @@ def test_test_loader_shards_cover_every_image_once(demo_root):
             assert len(groups) == 1
             seen += indices
     assert sorted(seen) == list(range(8))
-    batches = data.test_batches(np.array([0, 1, 0, 0, 1, 0]), range(6), 2)
-    assert batches == [[0, 2], [1, 4], [3, 5]]
+    buffers = {}
+    assert list(data.group_batches(np.array([0, 1, 0, 0, 1, 0, 1]), range(7), 2, buffers)) == [[0, 2], [1, 4], [3, 5]]
+    assert buffers == {1: [6]}
 
 
 def test_coco_tiny_matches_pycocotools():
