@@ -1,0 +1,327 @@
+"""NMS and ROIAlign with torchvision's signatures and semantics, backed by our own kernels (ops_mlu.cpp).
+
+    nms(boxes (N,4), scores (N,), iou_threshold, offset=0)          -> kept indices (M,) int64, by decreasing score
+    batched_nms(boxes, scores, idxs (N,), iou_threshold, offset=0)  -> the same, NMS run per category
+    roi_align(input (B,C,H,W), rois (K,5) rows (batch_idx,x1,y1,x2,y2) or a list of (Ki,4), output_size,
+              spatial_scale=1.0, sampling_ratio=-1, aligned=False)  -> (K,C,ph,pw), differentiable w.r.t. input
+
+Ties: equal scores keep the lower original index first (one stable sort by descending score), on every device
+our kernels run on. offset=1 is maskrcnn-benchmark's legacy "+1" box convention (areas (x2-x1+1)(y2-y1+1),
+intersections +1 too); a box is suppressed when IoU > iou_threshold (upstream's CPU kernel used >=, its CUDA
+kernel >; we follow CUDA and torchvision).
+
+The backend is chosen per device type in one place, `_choose_backend`, which prints one line saying what it chose:
+    cpu          native kernels of ops_mlu.cpp; if they cannot be built, torchvision's CPU kernels
+    mlu          our CNNL kernels if they built and pass a one-time self-test, else the torchvision kernels that
+                 torch_mlu registers, else a CPU round trip (with a warning)
+    cuda, other  torchvision's kernels (offset=1 NMS shifts x2, y2 by +1, which gives the legacy IoU exactly)
+FRCNN_OPS=auto (default) | native (our kernels or fail) | torchvision (torchvision's kernels everywhere) |
+cpu (non-CPU tensors make a CPU round trip through our kernels) overrides that choice.
+
+The extension is JIT-built on first use with torch.utils.cpp_extension into
+$FRCNN_OPS_BUILD_DIR (default: torch's extension cache, ~/.cache/torch_extensions), in a folder whose name hashes
+the source, the flags and the torch version, so an edit rebuilds and a cached start only loads the .so.
+"""
+import hashlib
+import importlib.util
+import os
+import sys
+import time
+import warnings
+
+import torch
+from torch.autograd.function import once_differentiable
+
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ops_mlu.cpp")
+_MODES = ("auto", "native", "torchvision", "cpu")
+_ext = {"tried": False, "ok": False, "mlu": False, "error": "", "build_s": None, "path": None}
+_backends = {}  # device type -> backend name, filled by backend_name()
+
+
+def _log(msg):
+    print(f"ops: {msg}", file=sys.stderr, flush=True)
+
+
+def _mode():
+    mode = os.environ.get("FRCNN_OPS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"FRCNN_OPS={mode!r} is not one of {', '.join(_MODES)}")
+    return mode
+
+
+# ------------------------------------------------------------------------------------------------- building
+def _mlu_build_args():
+    """(cflags, include dirs, ldflags) for the WITH_MLU variant, or None with the reason (mlu.md 6, 'ops.py' 2)."""
+    if importlib.util.find_spec("torch_mlu") is None:
+        return None, "torch_mlu not installed"
+    try:  # a broken SDK raises OSError/RuntimeError, not only ImportError
+        import torch_mlu  # noqa: F401
+        from torch_mlu.utils import cpp_extension as mlu_ext
+        incs, libs = mlu_ext.include_paths(), mlu_ext.library_paths()
+    except Exception as e:  # noqa: BLE001
+        return None, f"torch_mlu unusable for building ({type(e).__name__}: {e})"
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 1):
+        return None, "torch < 2.1 (pre-PrivateUse1 torch_mlu generations are not compiled for)"
+    if not any(os.path.isfile(os.path.join(d, "cnnl.h")) for d in incs):
+        return None, "cnnl.h not found in torch_mlu's include paths"
+    ldflags = [f"-L{d}" for d in libs] + ["-ltorch_mlu", "-lcnnl", "-lcnrt"]  # our .so calls cnnl*/cnrt* itself
+    return (["-DWITH_MLU"], incs, ldflags), ""
+
+
+def _build(cflags, incs, ldflags, tag):
+    """Load the variant from the cache, building it first if needed; returns the .so path or raises."""
+    from torch.utils import cpp_extension
+    flags = ["-O3"] + (["-fopenmp"] if torch._C.has_openmp else []) + cflags  # at::parallel_for is OpenMP inline
+    with open(_SRC, "rb") as f:
+        key = hashlib.sha1(f.read() + repr((flags, incs, ldflags, torch.__version__, sys.version)).encode())
+    name = f"frcnn_ops_{tag}_{key.hexdigest()[:12]}"
+    root = os.environ.get("FRCNN_OPS_BUILD_DIR") or cpp_extension.get_default_build_root()
+    build_dir = os.path.join(root, name)
+    so = os.path.join(build_dir, f"{name}.so")
+    # Fast path for a cached start: load the .so directly, unless another process holds torch's build lock.
+    if os.path.isfile(so) and not os.path.exists(os.path.join(build_dir, "lock")):
+        torch.ops.load_library(so)
+        return so
+    os.makedirs(build_dir, exist_ok=True)
+    t0 = time.time()
+    verbose = os.environ.get("FRCNN_OPS_VERBOSE", "0") == "1"
+    cpp_extension.load(name=name, sources=[_SRC], extra_cflags=flags, extra_include_paths=incs,
+                       extra_ldflags=ldflags + (["-fopenmp"] if torch._C.has_openmp else []),
+                       build_directory=build_dir, is_python_module=False, verbose=verbose)
+    _ext["build_s"] = time.time() - t0
+    _log(f"built {name} in {_ext['build_s']:.1f} s (cached in {build_dir})")
+    return so
+
+
+def _first_line(e):
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    errs = [ln for ln in lines if "error" in ln.lower()]
+    return (errs or lines or [type(e).__name__])[0][:200]
+
+
+def load_extension():
+    """Build (first call only) and load ops_mlu.cpp. Returns True when torch.ops.frcnn_ops is usable; a failed
+    build never raises here: it is reported in one line and remembered (extension_info()['error'])."""
+    if _ext["tried"]:
+        return _ext["ok"]
+    _ext["tried"] = True
+    # Two builds of one TORCH_LIBRARY namespace cannot share a process, so exactly one variant gets loaded.
+    mlu_args, why_not = _mlu_build_args()
+    if mlu_args is not None:
+        try:
+            _ext["path"], _ext["ok"], _ext["mlu"] = _build(*mlu_args, "mlu"), True, True
+            return True
+        except Exception as e:  # noqa: BLE001  (ninja RuntimeError, ImportError, OSError, EnvironmentError)
+            _log(f"MLU kernels did not build ({_first_line(e)}); building the CPU-only variant "
+                 "(FRCNN_OPS_VERBOSE=1 shows the compiler output)")
+    elif why_not != "torch_mlu not installed":
+        _log(f"MLU kernels not built: {why_not}")
+    try:
+        _ext["path"], _ext["ok"] = _build([], [], [], "cpu"), True
+    except Exception as e:  # noqa: BLE001
+        _ext["error"] = _first_line(e)
+    return _ext["ok"]
+
+
+def extension_info():
+    """What load_extension() did: ok, mlu (variant with MLU kernels), error, build_s (None when cached), path."""
+    load_extension()
+    return dict(_ext)
+
+
+# ------------------------------------------------------------------------------------------- backend choice
+def _tv_has_kernel(op, key):
+    try:
+        import torchvision  # noqa: F401  (defines the torchvision:: schemas that torch_mlu implements)
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _choose_backend(dev):
+    """The one place that decides which kernels serve a device type. Returns (backend, reason)."""
+    mode = _mode()
+    if mode == "torchvision":
+        return "torchvision", "forced by FRCNN_OPS=torchvision"
+    if dev == "cpu" or mode == "cpu":
+        if load_extension():
+            return ("native" if dev == "cpu" else "cpu-roundtrip"), "ops_mlu.cpp CPU kernels" + (
+                "" if dev == "cpu" else ", forced CPU round trip by FRCNN_OPS=cpu")
+        if mode == "native":
+            raise RuntimeError(f"FRCNN_OPS=native but ops_mlu.cpp did not build: {_ext['error']}")
+        return ("torchvision" if dev == "cpu" else "cpu-roundtrip"), \
+            f"ops_mlu.cpp did not build ({_ext['error']}); torchvision's CPU kernels instead"
+    if dev == "mlu":
+        if load_extension() and _ext["mlu"]:
+            err = _mlu_self_test()
+            if not err:
+                return "native-mlu", "ops_mlu.cpp CNNL kernels (self-test passed)"
+            reason = f"our MLU kernels failed the self-test ({err})"
+        else:
+            reason = "our MLU kernels are not built"
+        if mode == "native":
+            raise RuntimeError(f"FRCNN_OPS=native but {reason}")
+        if _tv_has_kernel("torchvision::nms", "PrivateUse1") and \
+                _tv_has_kernel("torchvision::roi_align", "PrivateUse1"):
+            return "torchvision", f"{reason}; torchvision kernels registered by torch_mlu"
+        warnings.warn(f"ops: {reason} and torch_mlu registers no torchvision kernels: NMS and ROIAlign on MLU "
+                      "tensors make a slow CPU round trip")
+        return "cpu-roundtrip", reason
+    if mode == "native":
+        raise RuntimeError(f"FRCNN_OPS=native but ops_mlu.cpp has no kernels for device type {dev!r}")
+    return "torchvision", "torchvision's kernels"
+
+
+def backend_name(device):
+    """Backend serving tensors on `device` ('native', 'native-mlu', 'torchvision', 'cpu-roundtrip'); the first
+    call per device type decides and prints one line."""
+    dev = torch.device(device).type
+    if dev not in _backends:
+        backend, reason = _choose_backend(dev)
+        _backends[dev] = backend
+        _log(f"{dev} -> {backend} ({reason})")
+    return _backends[dev]
+
+
+def reset_backends():
+    """Forget the per-device choices (tests change FRCNN_OPS); the loaded extension stays."""
+    _backends.clear()
+
+
+def _mlu_self_test():
+    """One small NMS and ROIAlign forward/backward on the MLU against our CPU kernels; '' when they agree."""
+    try:
+        boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30.]])
+        scores = torch.tensor([0.9, 0.8, 0.7])
+        want = torch.ops.frcnn_ops.nms(boxes, scores, 0.5, 0.0, None)
+        got = _mlu_nms(boxes.to("mlu"), scores.to("mlu"), 0.5, 0).cpu()
+        if not torch.equal(got, want):
+            return f"nms gave {got.tolist()}, want {want.tolist()}"
+        x = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)
+        rois = torch.tensor([[0, 0.5, 0.5, 3.0, 2.5]])
+        args = (1.0, 2, 2, 2, False)
+        y_cpu = torch.ops.frcnn_ops.roi_align_forward(x, rois, *args)
+        g_cpu = torch.ops.frcnn_ops.roi_align_backward(torch.ones_like(y_cpu), rois, 1.0, 2, 2, 1, 2, 4, 4, 2, False)
+        y = torch.ops.frcnn_ops.roi_align_forward(x.to("mlu"), rois.to("mlu"), *args).cpu()
+        g = torch.ops.frcnn_ops.roi_align_backward(torch.ones_like(y_cpu).to("mlu"), rois.to("mlu"), 1.0, 2, 2,
+                                                   1, 2, 4, 4, 2, False).cpu()
+        if not (torch.allclose(y, y_cpu, atol=1e-3) and torch.allclose(g, g_cpu, atol=1e-3)):
+            return "roi_align differs from the CPU kernels by more than 1e-3"
+        return ""
+    except Exception as e:  # noqa: BLE001
+        return _first_line(e)
+
+
+# ----------------------------------------------------------------------------------------------------- NMS
+def _shift_legacy(boxes, offset):
+    # x2 + 1, y2 + 1 turns torchvision's IoU into the legacy +1 IoU (areas and intersections both gain +1).
+    return boxes if not offset else torch.cat([boxes[:, :2], boxes[:, 2:] + offset], dim=1)
+
+
+def _native_nms(boxes, scores, iou_threshold, offset, labels=None):
+    if boxes.dtype not in (torch.float32, torch.float64):  # half/bf16 boxes: compute in float32
+        boxes = boxes.float()
+    return torch.ops.frcnn_ops.nms(boxes, scores.to(boxes.dtype), float(iou_threshold), float(offset), labels)
+
+
+def _mlu_nms(boxes, scores, iou_threshold, offset):
+    # CNNL requires x1 < x2 and y1 < y2 (mlu.md 3.2). Under torchvision's rule a degenerate box has IoU 0 (or
+    # NaN) with every box, so it is always kept and never suppresses: keep those without asking CNNL.
+    # Known difference left in: CNNL drops boxes whose score is <= 0 (confidence_threshold 0).
+    boxes, scores = _shift_legacy(boxes.float(), offset), scores.float()
+    valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    vi, di = valid.nonzero().squeeze(1), (~valid).nonzero().squeeze(1)
+    kept = torch.cat([vi[torch.ops.frcnn_ops.nms(boxes[vi], scores[vi], float(iou_threshold), 0.0, None)], di])
+    kept = kept.sort()[0]  # then a stable score sort: equal scores keep the lower index first
+    return kept[torch.sort(scores[kept], descending=True, stable=True)[1]]
+
+
+def nms(boxes, scores, iou_threshold, offset=0):
+    """Kept indices (int64) of `boxes` (N,4) x1y1x2y2 after NMS, by decreasing score (ties: lower index first)."""
+    backend = backend_name(boxes.device)
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    if backend == "native":
+        return _native_nms(boxes, scores, iou_threshold, offset)
+    if backend == "native-mlu":
+        return _mlu_nms(boxes, scores, iou_threshold, offset)
+    if backend == "cpu-roundtrip":
+        return nms(boxes.cpu(), scores.cpu(), iou_threshold, offset).to(boxes.device)
+    import torchvision
+    return torchvision.ops.nms(_shift_legacy(boxes, offset), scores.to(boxes.dtype), iou_threshold)
+
+
+def batched_nms(boxes, scores, idxs, iou_threshold, offset=0):
+    """NMS independently per category idxs (N,); kept indices (int64) by decreasing score."""
+    backend = backend_name(boxes.device)
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    if backend == "native":
+        # Our kernel keeps a kept-list per category, so no coordinate offset (and no float rounding of the
+        # offset boxes, which torchvision's trick has at large coordinates) is needed: exactly per-category NMS.
+        labels = torch.unique(idxs, return_inverse=True)[1]
+        return _native_nms(boxes, scores, iou_threshold, offset, labels)
+    if backend == "cpu-roundtrip":
+        return batched_nms(boxes.cpu(), scores.cpu(), idxs.cpu(), iou_threshold, offset).to(boxes.device)
+    # Other kernels: torchvision's coordinate-offset trick, one NMS where categories can never overlap. The gap
+    # uses the full extent (torchvision uses only max + 1, which lets negative boxes of two categories touch).
+    lo, hi = boxes.min(), boxes.max()
+    shifted = boxes + (idxs.to(boxes) * (hi - lo + 1 + offset))[:, None]
+    return nms(shifted, scores, iou_threshold, offset)
+
+
+# ------------------------------------------------------------------------------------------------ ROIAlign
+class _RoIAlign(torch.autograd.Function):
+    """Our forward and backward kernels; gradient w.r.t. input only (as torchvision: rois get none)."""
+
+    @staticmethod
+    def forward(ctx, input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned):
+        ctx.save_for_backward(rois)
+        ctx.args = (spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned)
+        ctx.input_shape = input.shape
+        return torch.ops.frcnn_ops.roi_align_forward(input, rois, spatial_scale, pooled_h, pooled_w,
+                                                     sampling_ratio, aligned)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (rois,) = ctx.saved_tensors
+        scale, ph, pw, ratio, aligned = ctx.args
+        b, c, h, w = ctx.input_shape
+        grad_input = torch.ops.frcnn_ops.roi_align_backward(grad, rois, scale, ph, pw, b, c, h, w, ratio, aligned)
+        return grad_input, None, None, None, None, None, None
+
+
+def boxes_to_rois(boxes):
+    """List of per-image (Ki,4) boxes -> (sum Ki, 5) rois with the image index in column 0."""
+    idx = torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)])
+    return torch.cat([idx, torch.cat(list(boxes))], dim=1)
+
+
+def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
+    """(K,C,ph,pw) features of rois (K,5) = (batch_idx, x1,y1,x2,y2) in image coordinates, from input (B,C,H,W)
+    at `spatial_scale`; sampling_ratio <= 0 is adaptive (ceil(roi_size / output_size) samples per bin)."""
+    ph, pw = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if isinstance(rois, (list, tuple)):
+        rois = boxes_to_rois(rois)
+    backend = backend_name(input.device)
+    if backend == "torchvision":
+        import torchvision
+        return torchvision.ops.roi_align(input, rois.to(input.dtype), (ph, pw), spatial_scale, sampling_ratio,
+                                         aligned)
+    if backend == "cpu-roundtrip":  # autograd follows .cpu() and .to() back to the device
+        return roi_align(input.cpu(), rois.cpu(), (ph, pw), spatial_scale, sampling_ratio, aligned).to(input.device)
+    x = input
+    if backend == "native-mlu":
+        # CNNL wants float, x1,y1 >= 0 and x2 > x1, y2 > y1 (mlu.md 3.3); the detector's proposals are clipped
+        # to the image, so this clamp changes nothing for it.
+        x = input.float()
+        r = rois.float().clone()
+        r[:, 1:3] = r[:, 1:3].clamp(min=0)
+        r[:, 3:5] = torch.maximum(r[:, 3:5], r[:, 1:3] + 1e-3)
+        rois = r
+    elif x.dtype not in (torch.float32, torch.float64):
+        x = x.float()  # half/bf16 on CPU: accumulate in float32, as upstream's AMP float_function did
+    out = _RoIAlign.apply(x, rois.to(x.dtype), float(spatial_scale), int(ph), int(pw), int(sampling_ratio),
+                          bool(aligned))
+    return out.to(input.dtype)
