@@ -112,7 +112,8 @@ def _numpy_global(module, name):
 
 _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
             ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-            ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
+            ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+            ("_codecs", "encode")}  # how protocol-2 pickles written by Python 3 spell bytes; pure data
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
