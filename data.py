@@ -277,13 +277,19 @@ def make_train_loader(cfg, rank=0, world_size=1, start_iter=0, sampler_state=Non
     sampler = TrainBatchSampler(groups, cfg.ims_per_batch, rank, world_size, seed, start_iter)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=Collate(cfg.size_divisibility),
-        pin_memory=_pin(cfg), persistent_workers=cfg.num_workers > 0)
+        persistent_workers=cfg.num_workers > 0, **_pin(cfg))
     loader.state = sampler.state
     return loader
 
 
 def _pin(cfg):
-    return cfg.device.startswith("cuda") and torch.cuda.is_available()
+    """Pinned host memory for the device's copies: cuda, or mlu through torch_mlu's pin_memory_device."""
+    kind = cfg.device.split(":")[0]
+    if kind == "cuda" and torch.cuda.is_available():
+        return {"pin_memory": True}
+    if kind == "mlu" and hasattr(torch, "mlu") and torch.mlu.is_available():
+        return {"pin_memory": True, "pin_memory_device": "mlu"}
+    return {}
 
 
 def make_test_loader(cfg, split=None, rank=0, world_size=1):
@@ -297,7 +303,7 @@ def make_test_loader(cfg, split=None, rank=0, world_size=1):
     batches = list(group_batches(groups, indices, max(1, cfg.test_ims_per_batch // world_size), buffers))
     batches = sorted(batches + [b for b in buffers.values() if b], key=lambda b: b[0])  # leftovers: smaller
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
-                                       collate_fn=Collate(cfg.size_divisibility), pin_memory=_pin(cfg))
+                                       collate_fn=Collate(cfg.size_divisibility), **_pin(cfg))
 
 
 DEMO_CLASSES = ("rectangle", "ellipse", "triangle")
