@@ -42,14 +42,14 @@ def test_resize_rule_spec_examples():
 
 
 def test_to_model_tensor_bit_exact():
-    rgb = np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8)
-    rgb[0, :3] = [[0, 0, 0], [255, 255, 255], [1, 128, 254]]
+    rng = np.random.default_rng(0)
+    rgb = np.stack([rng.permutation(256) for _ in range(3)], 1).astype(np.uint8).reshape(8, 32, 3)  # every value
     mean = (102.9801, 115.9465, 122.7717)
     out = data.to_model_tensor(Image.fromarray(rgb), mean)
     # by hand in float32, in upstream's order: /255 (ToTensor), BGR, *255, - mean
     f = np.float32
     ref = (rgb.astype(f) / f(255))[:, :, ::-1].transpose(2, 0, 1) * f(255) - np.array(mean, f)[:, None, None]
-    assert out.dtype == torch.float32 and out.shape == (3, 7, 9)
+    assert out.dtype == torch.float32 and out.shape == (3, 8, 32) and out.is_contiguous()
     assert np.array_equal(out.numpy(), ref)
     # and against torchvision's ToTensor + normalize, the functions upstream called
     tv = TF.normalize(TF.to_tensor(Image.fromarray(rgb))[[2, 1, 0]] * 255, mean, (1.0, 1.0, 1.0))
