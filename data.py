@@ -78,9 +78,15 @@ def pad_batch(tensors, size_divisibility=32):
     if size_divisibility > 0:
         hp = -(-hp // size_divisibility) * size_divisibility
         wp = -(-wp // size_divisibility) * size_divisibility
-    batch = tensors[0].new_zeros((len(tensors), tensors[0].shape[0], hp, wp))
-    for b, t in zip(batch, tensors):
-        b[:, : t.shape[1], : t.shape[2]].copy_(t)
+    shape = (len(tensors), tensors[0].shape[0], hp, wp)
+    if all(t.device.type == "cpu" and not t.requires_grad for t in tensors):  # numpy: no intra-op thread stalls
+        batch = np.zeros(shape, dtype=tensors[0].numpy().dtype)
+        for b, t in zip(batch, tensors):
+            b[:, : t.shape[1], : t.shape[2]] = t.numpy()
+        return torch.from_numpy(batch), list(zip(hs, ws))
+    batch = tensors[0].new_zeros(shape)
+    for i, t in enumerate(tensors):
+        batch[i, :, : t.shape[1], : t.shape[2]] = t
     return batch, list(zip(hs, ws))
 
 

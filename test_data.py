@@ -64,6 +64,9 @@ def test_pad_batch():
     assert batch[0, :, 5:].abs().sum() == 0 and batch[0, :, :, 40:].abs().sum() == 0
     assert data.pad_batch([torch.ones(3, 32, 33)], 32)[0].shape == (1, 3, 32, 64)  # one image is padded too
     assert data.pad_batch([torch.ones(3, 5, 6)], 0)[0].shape == (1, 3, 5, 6)
+    grad = torch.ones(3, 5, 6, requires_grad=True)  # the torch path (also taken for device tensors)
+    out = data.pad_batch([grad, b], 32)[0]
+    assert out.requires_grad and torch.equal(out[1, :, :33, :7], b) and out[0, :, :5, :6].sum() == 90
 
 
 def test_load_image_modes(tmp_path):
