@@ -191,6 +191,39 @@ void check_roi_args(const at::Tensor& rois, int64_t pooled_h, int64_t pooled_w) 
               pooled_w);
 }
 
+template <typename T>
+void roi_align_forward_nhwc(const T* in, const T* rp, T* out, int64_t batch, int64_t num_rois, int64_t channels,
+                            int64_t height, int64_t width, double spatial_scale, int64_t pooled_h, int64_t pooled_w,
+                            int64_t sampling_ratio, bool aligned) {
+  const int64_t bins = pooled_h * pooled_w;
+  at::parallel_for(0, num_rois, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Tap<T>> taps;
+    std::vector<T> acc(channels);
+    for (int64_t k = begin; k < end; ++k) {
+      const auto g = roi_geometry<T>(rp + 5 * k, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned);
+      TORCH_CHECK(g.batch >= 0 && g.batch < batch, "roi_align: roi ", k, " has batch index ", g.batch,
+                  " outside [0, ", batch, ")");
+      roi_taps(g, height, width, pooled_h, pooled_w, taps);
+      const int64_t per_bin = static_cast<int64_t>(taps.size()) / bins;
+      const T* base = in + g.batch * height * width * channels;
+      const Tap<T>* tp = taps.data();
+      for (int64_t bin = 0; bin < bins; ++bin) {
+        T* a = acc.data();
+        std::fill(a, a + channels, static_cast<T>(0));
+        for (int64_t s = 0; s < per_bin; ++s, ++tp) {
+          const T *q1 = base + tp->p1 * channels, *q2 = base + tp->p2 * channels;
+          const T *q3 = base + tp->p3 * channels, *q4 = base + tp->p4 * channels;
+          const T w1 = tp->w1, w2 = tp->w2, w3 = tp->w3, w4 = tp->w4;
+          for (int64_t c = 0; c < channels; ++c)  // per channel the same expression as the NCHW loop
+            a[c] += w1 * q1[c] + w2 * q2[c] + w3 * q3[c] + w4 * q4[c];
+        }
+        T* o = out + k * channels * bins + bin;
+        for (int64_t c = 0; c < channels; ++c) o[c * bins] = a[c] / g.count;
+      }
+    }
+  });
+}
+
 at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
                                  int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
   TORCH_CHECK(input.dim() == 4, "roi_align: input must be (N, C, H, W), got ", input.sizes());
@@ -201,7 +234,23 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois
   TORCH_CHECK(height * width < INT_MAX, "roi_align: feature plane too large for 32-bit offsets");
   at::Tensor output = at::zeros({num_rois, channels, pooled_h, pooled_w}, input.options());
   if (output.numel() == 0) return output;
-  const at::Tensor x = input.contiguous(), r = rois.contiguous();
+  const at::Tensor r = rois.contiguous();
+  // Two loop orders, equal bits. Channels-last input (N,H,W,C) lets the innermost loop run over contiguous
+  // channels, which the compiler vectorises; it pays off once the RoIs' taps outnumber the feature pixels, which
+  // covers the transpose (free when the input already is channels_last). Otherwise gather from NCHW planes.
+  const int64_t grid_guess = sampling_ratio > 0 ? sampling_ratio * sampling_ratio : 4;
+  const bool nhwc = input.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+                    num_rois * pooled_h * pooled_w * grid_guess * 4 > input.size(0) * height * width;
+  if (nhwc) {
+    const at::Tensor x = input.permute({0, 2, 3, 1}).contiguous();  // (N, H, W, C)
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "frcnn_ops::roi_align_forward_nhwc", [&] {
+      roi_align_forward_nhwc<scalar_t>(x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(),
+                                       output.data_ptr<scalar_t>(), x.size(0), num_rois, channels, height, width,
+                                       spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned);
+    });
+    return output;
+  }
+  const at::Tensor x = input.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "frcnn_ops::roi_align_forward", [&] {
     const scalar_t* in = x.data_ptr<scalar_t>();
     const scalar_t* rp = r.data_ptr<scalar_t>();

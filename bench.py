@@ -1,0 +1,271 @@
+"""Benchmarks, one subcommand each; every number is the median of --repeats timed runs after one warm-up.
+
+    python bench.py ops                   # our NMS / ROIAlign against torchvision's, with the ratio ours/tv
+    python bench.py ops --repeats 9 --device cpu
+
+To add a subcommand (model, data, eval): write `bench_<name>(args)` and register it in `SUBCOMMANDS` with a
+function that adds its own options to its subparser; --device and --repeats are shared.
+"""
+import argparse
+import math
+import statistics
+import time
+
+import torch
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mlu":
+        torch.mlu.synchronize(device)
+
+
+def median_times(fns, device, repeats, warmup=1):
+    """Median wall time in seconds of each fn in fns, synchronising the device around each run. The fns run in
+    turn within each repeat, so load from other processes on a shared machine hits all of them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def print_table(header, rows):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    for i, r in enumerate([header] + rows):
+        print("  ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+# ------------------------------------------------------------------------------------------------------ ops
+IMAGE_HW = (800, 1216)  # upstream's test-size image, padded to a multiple of 32
+FPN_LEVELS = [("P2", 1 / 4, 16, 112), ("P3", 1 / 8, 112, 224), ("P4", 1 / 16, 224, 448), ("P5", 1 / 32, 448, 800)]
+# (name, spatial scale, min and max box side in pixels that upstream's LevelMapper sends to that level)
+
+
+def overlapping_boxes(n, gen, num_objects=None):
+    """(n, 4) proposal-like boxes: jittered copies around a few objects, so many pairs overlap at IoU > 0.7."""
+    h, w = IMAGE_HW
+    num_objects = num_objects or max(n // 50, 1)
+    centre = torch.rand(num_objects, 2, generator=gen) * torch.tensor([w, h])
+    size = torch.exp(torch.empty(num_objects, 2).uniform_(math.log(16), math.log(400), generator=gen))
+    obj = torch.randint(num_objects, (n,), generator=gen)
+    c = centre[obj] + torch.randn(n, 2, generator=gen) * size[obj] * 0.1
+    s = size[obj] * torch.exp(torch.randn(n, 2, generator=gen) * 0.1)
+    boxes = torch.cat([c - s / 2, c + s / 2], dim=1)
+    return boxes.clamp(min=0).minimum(torch.tensor([w, h, w, h]) - 1.0)
+
+
+def level_rois(n, images, lo, hi, gen):
+    """(n, 5) rois (image index, x1, y1, x2, y2) in image pixels with sides in [lo, hi), spread over `images`."""
+    h, w = IMAGE_HW
+    side = torch.exp(torch.empty(n, 2).uniform_(math.log(lo), math.log(hi), generator=gen))
+    x1 = torch.rand(n, generator=gen) * (w - side[:, 0]).clamp(min=1)
+    y1 = torch.rand(n, generator=gen) * (h - side[:, 1]).clamp(min=1)
+    idx = (torch.arange(n) * images // n).float()
+    return torch.stack([idx, x1, y1, x1 + side[:, 0], y1 + side[:, 1]], dim=1)
+
+
+def bench_ops(args):
+    import torchvision
+
+    import ops
+    device, gen = torch.device(args.device), torch.Generator().manual_seed(0)
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, device {device}, "
+          f"{torch.get_num_threads()} threads; ours = ops.{ops.backend_name(device)}, median of {args.repeats}")
+    rows = []
+
+    def same_nms(a, b, scores):  # equal scores may come out in another order from torchvision (its sort is unstable)
+        return "same" if torch.equal(a.sort()[0], b.sort()[0]) and torch.equal(scores[a], scores[b]) else "DIFFERENT"
+
+    def row(name, ours, theirs, check):
+        a, b = (1e3 * x for x in median_times([ours, theirs], device, args.repeats))
+        rows.append([name, f"{a:.2f}", f"{b:.2f}", f"{a / b:.2f}", check])
+
+    # NMS at upstream's RPN threshold 0.7; batched over 80 classes at the box head's 0.5.
+    for n in (1000, 5000, 20000):
+        boxes, scores = overlapping_boxes(n, gen).to(device), torch.rand(n, generator=gen).to(device)
+        same = same_nms(ops.nms(boxes, scores, 0.7), torchvision.ops.nms(boxes, scores, 0.7), scores)
+        row(f"nms {n // 1000}k boxes, thr 0.7", lambda: ops.nms(boxes, scores, 0.7),
+            lambda: torchvision.ops.nms(boxes, scores, 0.7), same)
+    n = 16000
+    boxes, scores = overlapping_boxes(n, gen, num_objects=1000).to(device), torch.rand(n, generator=gen).to(device)
+    labels = torch.randint(80, (n,), generator=gen).to(device)
+    same = same_nms(ops.batched_nms(boxes, scores, labels, 0.5),
+                    torchvision.ops.batched_nms(boxes, scores, labels, 0.5), scores)
+    row("batched_nms 16k boxes, 80 classes, thr 0.5", lambda: ops.batched_nms(boxes, scores, labels, 0.5),
+        lambda: torchvision.ops.batched_nms(boxes, scores, labels, 0.5), same)
+
+    # ROIAlign, one row per FPN level with RoIs of the sizes upstream's LevelMapper sends there (the pooler
+    # calls roi_align once per level): training 2 images x 512 RoIs forward + backward, test 1000 RoIs forward.
+    for name, scale, lo, hi in FPN_LEVELS:
+        fh, fw = IMAGE_HW[0] * scale, IMAGE_HW[1] * scale
+        for phase, images, k in (("train", 2, 1024), ("test", 1, 1000)):
+            feat = torch.randn(images, 256, int(fh), int(fw), generator=gen).to(device)
+            rois = level_rois(k, images, lo, hi, gen).to(device)
+            kw = dict(output_size=(7, 7), spatial_scale=scale, sampling_ratio=2, aligned=False)
+            with torch.no_grad():
+                diff = (ops.roi_align(feat, rois, **kw) - torchvision.ops.roi_align(feat, rois, **kw)).abs().max()
+                row(f"roi_align fwd {phase} {name} {int(fh)}x{int(fw)}, {k} RoIs",
+                    lambda: ops.roi_align(feat, rois, **kw), lambda: torchvision.ops.roi_align(feat, rois, **kw),
+                    f"max|d| {diff.item():.0e}")
+            if phase != "train":
+                continue
+            feat.requires_grad_(True)
+            out_ours, out_tv = ops.roi_align(feat, rois, **kw), torchvision.ops.roi_align(feat, rois, **kw)
+            grad = torch.randn(out_ours.shape, generator=gen).to(device)
+            g_ours = lambda: torch.autograd.grad(out_ours, feat, grad, retain_graph=True)[0]  # noqa: E731
+            g_tv = lambda: torch.autograd.grad(out_tv, feat, grad, retain_graph=True)[0]  # noqa: E731
+            diff = (g_ours() - g_tv()).abs().max()
+            row(f"roi_align bwd {phase} {name} {int(fh)}x{int(fw)}, {k} RoIs", g_ours, g_tv,
+                f"max|d| {diff.item():.0e}")
+            del feat, out_ours, out_tv
+    print_table(["op", "ours ms", "torchvision ms", "ours/tv", "outputs"], rows)
+    worst = max(float(r[3]) for r in rows)
+    print(f"worst ratio ours/torchvision: {worst:.2f}")
+
+
+# ----------------------------------------------------------------------------------------------------- model
+MODEL_CASES = {  # name -> (what, implementation, preset)
+    "ours-infer": ("inference", "ours", "R-50-FPN"), "tv-infer": ("inference", "torchvision", "R-50-FPN"),
+    "ours-train": ("training", "ours", "R-50-FPN"), "tv-train": ("training", "torchvision", "R-50-FPN"),
+    "r101-infer": ("inference", "ours", "R-101-FPN"),
+}
+
+
+def _model_runner(case, device):
+    """A closure running one inference (batch 1) or one training iteration (batch 2, SGD step included) of the
+    case on upstream-sized inputs (800x1216, 5 boxes per image), and its batch size."""
+    what, impl, preset = MODEL_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    n = 1 if what == "inference" else 2
+    h, w = IMAGE_HW
+    xy = torch.rand(n, 5, 2, generator=gen) * torch.tensor([w - 300.0, h - 300.0])
+    boxes = torch.cat([xy, xy + torch.rand(n, 5, 2, generator=gen) * 250 + 20], 2).to(device)
+    labels = torch.randint(1, 81, (n, 5), generator=gen).to(device)
+    images = torch.rand(n, 3, h, w, generator=gen).to(device)
+    targets = [{"boxes": b, "labels": l} for b, l in zip(boxes, labels)]
+    if impl == "ours":
+        import config
+        import model
+        net = model.build_model(config.get(preset, ["device=" + device.type], verbose=False)).to(device)
+        x, sizes = images * 255 - 128, [IMAGE_HW] * n  # stands in for data.py's output; preprocessing not timed
+        step = (lambda: net(x, sizes)) if what == "inference" else (lambda: net(x, sizes, targets))
+    else:
+        import torchvision
+        # weights_backbone=None too: the default would download ImageNet weights. Its resize/normalise runs
+        # inside the model and is timed with it (800x1216 is already its target size).
+        net = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).to(device)
+        x = list(images)
+        step = (lambda: net(x)) if what == "inference" else (lambda: net(x, targets))
+    if what == "inference":
+        net.eval()
+
+        def run():
+            with torch.inference_mode():
+                step()
+        return run, n
+    net.train()
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+
+    def run():
+        loss = sum(step().values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return run, n
+
+
+def _model_peak(args):
+    """Child process: warm-up and one run of one case; prints its peak memory in MiB (process max RSS on cpu)."""
+    import resource
+    device = torch.device(args.device)
+    run, _ = _model_runner(args.case, device)
+    run()
+    run()
+    if device.type == "cpu":
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    else:
+        print(getattr(torch, device.type).max_memory_allocated(device) / 2 ** 20)
+
+
+def bench_model(args):
+    """Times ours and torchvision alternately in this process (so load from other jobs hits both alike), and
+    peak memory of each case in a fresh child process (so it is that case's own)."""
+    import subprocess
+    import sys
+
+    if args.case:
+        return _model_peak(args)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, image {IMAGE_HW[0]}x"
+          f"{IMAGE_HW[1]}, median of {args.repeats} after 1 warm-up, runs of ours and torchvision alternating; "
+          f"torchvision = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)")
+    peak = {}
+    for case in MODEL_CASES:
+        cmd = [sys.executable, __file__, "model", "--case", case, "--device", args.device]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"bench model: case {case} failed:\n{out.stderr[-3000:]}")
+        peak[case] = float(out.stdout.strip().splitlines()[-1])
+    rows = []
+
+    def same_nms(a, b, scores):  # equal scores may come out in another order from torchvision (its sort is unstable)
+        return "same" if torch.equal(a.sort()[0], b.sort()[0]) and torch.equal(scores[a], scores[b]) else "DIFFERENT"
+    for what, mode in (("inference", "infer"), ("training", "train")):
+        (ours, n), (tv, _) = _model_runner(f"ours-{mode}", device), _model_runner(f"tv-{mode}", device)
+        times = {ours: [], tv: []}
+        for fn in (ours, tv):
+            fn()
+        for _ in range(args.repeats):
+            for fn in (ours, tv):
+                times[fn].append(median_time(fn, device, 1, warmup=0) / n)
+        a, b = statistics.median(times[ours]), statistics.median(times[tv])
+        rows.append([f"R-50-FPN {what}, batch {n}, s per image", f"{a:.3f}", f"{b:.3f}", f"{a / b:.2f}",
+                     f"{peak[f'ours-{mode}']:.0f}", f"{peak[f'tv-{mode}']:.0f}"])
+        del ours, tv, times
+    r101, _ = _model_runner("r101-infer", device)
+    rows.append(["R-101-FPN inference, batch 1, s per image", f"{median_time(r101, device, args.repeats):.3f}",
+                 "-", "-", f"{peak['r101-infer']:.0f}", "-"])
+    mem = "peak MiB (process max RSS)" if device.type == "cpu" else "peak MiB (allocated)"
+    print_table(["measurement", "ours", "torchvision", "ours/tv", f"ours {mem}", "torchvision"], rows)
+
+
+def _model_options(p):
+    p.add_argument("--case", choices=list(MODEL_CASES), help=argparse.SUPPRESS)  # internal: the child process
+
+
+# ------------------------------------------------------------------------------------------------- main
+SUBCOMMANDS = {  # name -> (function, help, function adding its own options)
+    "ops": (bench_ops, "NMS and ROIAlign: ours against torchvision's", lambda p: None),
+    "model": (bench_model, "Faster R-CNN R-50-FPN inference and training: ours against torchvision's", _model_options),
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, help_text, add_options) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mlu, ... (default cpu)")
+        p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the median is shown")
+        add_options(p)
+        p.set_defaults(func=fn)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
