@@ -2,6 +2,7 @@
 
     python bench.py ops                   # our NMS / ROIAlign against torchvision's, with the ratio ours/tv
     python bench.py ops --repeats 9 --device cpu
+    python bench.py data                  # training data pipeline on coco_tiny: img/s per worker, ours/tv
 
 To add a subcommand (model, data, eval): write `bench_<name>(args)` and register it in `SUBCOMMANDS` with a
 function that adds its own options to its subparser; --device and --repeats are shared.
@@ -245,9 +246,75 @@ def _model_options(p):
     p.add_argument("--case", choices=list(MODEL_CASES), help=argparse.SUPPRESS)  # internal: the child process
 
 
+# ----------------------------------------------------------------------------------------------------- data
+def bench_data(args):
+    """Training pipeline (decode, resize, flip, normalise, targets) in images per second per worker process (one
+    thread, as in a loader worker) on coco_tiny, against torchvision's CocoDetection + PIL resize + hflip +
+    to_tensor (upstream's pipeline, less its box bookkeeping) in the same run, alternating; then the whole
+    loader with --workers worker processes, collate and padding included."""
+    import contextlib
+    import io
+    import os
+
+    import config
+    import data
+    import torchvision
+    import torchvision.transforms.functional as TF
+
+    COCO_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "datasets", "coco_tiny")
+    if not os.path.isdir(COCO_TINY):
+        print(f"bench data: skipped, {COCO_TINY} is absent (it comes with ../shared)")
+        return
+    cfg = config.get(args.config, [f"data_root={COCO_TINY}", f"num_workers={args.workers}", "ims_per_batch=2"],
+                     verbose=False)
+    ds = data.CocoDetection(COCO_TINY, cfg.train_split, cfg, train=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress lines
+        tv = torchvision.datasets.CocoDetection(os.path.join(COCO_TINY, cfg.train_split), os.path.join(
+            COCO_TINY, "annotations", f"instances_{cfg.train_split}.json"))
+    index = {img_id: k for k, img_id in enumerate(tv.ids)}
+    calls = [0]
+
+    def ours():
+        calls[0] += 1
+        for k in range(len(ds)):
+            ds[(k, f"bench:{calls[0]}:{k}")]
+
+    def torchvision_ref():
+        for k, img_id in enumerate(ds.ids):
+            img, _ = tv[index[img_id]]
+            w, h = data.resize_size(*img.size, cfg.min_size_train[0], cfg.max_size_train)
+            img = TF.resize(img, [h, w])
+            TF.to_tensor(TF.hflip(img) if k % 2 else img)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a loader worker process
+    t_ours, t_tv = median_times([ours, torchvision_ref], torch.device("cpu"), args.repeats)
+    torch.set_num_threads(threads)
+    a, b = len(ds) / t_ours, len(ds) / t_tv
+    loader = iter(data.make_train_loader(cfg, 0, 1))
+    next(loader)  # the workers start
+    t0 = time.perf_counter()
+    n = 2 * max(1, len(ds) // 2)
+    for _ in range(n // 2):
+        next(loader)
+    rate = n / (time.perf_counter() - t0)
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, {args.config} sizes (short {cfg.min_size_train}, "
+          f"long <= {cfg.max_size_train}), coco_tiny {cfg.train_split} ({len(ds)} images), median of {args.repeats}")
+    print_table(["measurement", "ours", "torchvision", "ours/tv"], [
+        ["training pipeline, img/s per worker", f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}"],
+        [f"loader, {args.workers} workers, batch 2, img/s total", f"{rate:.1f}", "-", "-"],
+        ["loader, img/s per worker", f"{rate / max(1, args.workers):.1f}", "-", "-"]])
+
+
+def _data_options(p):
+    p.add_argument("--config", default="R-101-FPN", help="preset whose input sizes to use (default R-101-FPN)")
+    p.add_argument("--workers", type=int, default=2, help="loader worker processes (default 2)")
+
+
 # ------------------------------------------------------------------------------------------------- main
 SUBCOMMANDS = {  # name -> (function, help, function adding its own options)
     "ops": (bench_ops, "NMS and ROIAlign: ours against torchvision's", lambda p: None),
+    "data": (bench_data, "training data pipeline: images per second per worker on coco_tiny", _data_options),
     "model": (bench_model, "Faster R-CNN R-50-FPN inference and training: ours against torchvision's", _model_options),
 }
 
