@@ -19,6 +19,7 @@ so a resumed run sees exactly the images and augmentations an uninterrupted one 
 """
 import colorsys
 import contextlib
+import functools
 import io
 import json
 import math
@@ -28,7 +29,7 @@ import random
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 
 def load_image(path):
@@ -219,15 +220,10 @@ def color_jitter(img, cfg, rng):
     return img
 
 
-class Collate:
-    """List of dataset items -> (images (N, 3, Hp, Wp) zero-padded, image_sizes [(h, w)], targets, indices)."""
-
-    def __init__(self, size_divisibility):
-        self.size_divisibility = size_divisibility
-
-    def __call__(self, items):
-        images, image_sizes = pad_batch([x for x, _, _ in items], self.size_divisibility)
-        return images, image_sizes, [t for _, t, _ in items], [i for _, _, i in items]
+def collate(items, size_divisibility=32):
+    """Dataset items -> (images (N, 3, Hp, Wp) zero-padded, image_sizes [(h, w)], targets, indices)."""
+    images, image_sizes = pad_batch([x for x, _, _ in items], size_divisibility)
+    return images, image_sizes, [t for _, t, _ in items], [i for _, _, i in items]
 
 
 def group_batches(groups, indices, batch_size, buffers):
@@ -282,21 +278,10 @@ def make_train_loader(cfg, rank=0, world_size=1, start_iter=0, sampler_state=Non
                   f"the resumed batches differ from an uninterrupted run's")
         seed, start_iter = sampler_state["seed"], sampler_state["iteration"]
     sampler = TrainBatchSampler(groups, cfg.ims_per_batch, rank, world_size, seed, start_iter)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=Collate(cfg.size_divisibility),
-        persistent_workers=cfg.num_workers > 0, **_pin(cfg))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, persistent_workers=cfg.num_workers > 0,
+                                         **_loader_options(cfg))
     loader.state = sampler.state
     return loader
-
-
-def _pin(cfg):
-    """Pinned host memory for the device's copies: cuda, or mlu through torch_mlu's pin_memory_device."""
-    kind = cfg.device.split(":")[0]
-    if kind == "cuda" and torch.cuda.is_available():
-        return {"pin_memory": True}
-    if kind == "mlu" and hasattr(torch, "mlu") and torch.mlu.is_available():
-        return {"pin_memory": True, "pin_memory_device": "mlu"}
-    return {}
 
 
 def make_test_loader(cfg, split=None, rank=0, world_size=1):
@@ -309,8 +294,19 @@ def make_test_loader(cfg, split=None, rank=0, world_size=1):
     buffers = {}
     batches = list(group_batches(groups, indices, max(1, cfg.test_ims_per_batch // world_size), buffers))
     batches = sorted(batches + [b for b in buffers.values() if b], key=lambda b: b[0])  # leftovers: smaller
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
-                                       collate_fn=Collate(cfg.size_divisibility), **_pin(cfg))
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, **_loader_options(cfg))
+
+
+def _loader_options(cfg):
+    """Worker processes, the padding collate, and pinned host memory for cuda, or mlu through torch_mlu."""
+    options = dict(num_workers=cfg.num_workers,
+                   collate_fn=functools.partial(collate, size_divisibility=cfg.size_divisibility))
+    kind = cfg.device.split(":")[0]
+    if kind == "cuda" and torch.cuda.is_available():
+        options.update(pin_memory=True)
+    elif kind == "mlu" and hasattr(torch, "mlu") and torch.mlu.is_available():
+        options.update(pin_memory=True, pin_memory_device="mlu")
+    return options
 
 
 DEMO_CLASSES = ("rectangle", "ellipse", "triangle")
@@ -322,7 +318,8 @@ def _demo_image(rng, file_name, img_id, ann_id):
     24-120 px whose hue leans on the class; shapes may overlap (another box covers at most half of one,
     IoU <= 0.3) and may run off the border (the box is the visible part). Returns (image, info, annotations)."""
     w, h = DEMO_SIZES[rng.integers(len(DEMO_SIZES))]
-    low = Image.fromarray(rng.uniform(0, 255, (h // 40 + 2, w // 40 + 2, 3)).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    low = rng.uniform(0, 255, (h // 40 + 2, w // 40 + 2, 3)).astype(np.uint8)
+    low = Image.fromarray(low).resize((w, h), Image.BICUBIC)  # smooth colour blotches
     img = rng.uniform(70, 170) + 0.45 * (np.asarray(low, np.float32) - 128) + rng.normal(0, 10, (h, w, 3))
     clutter = Image.new("L", (w, h))
     for _ in range(rng.integers(0, 6)):
@@ -341,7 +338,8 @@ def _demo_image(rng, file_name, img_id, ann_id):
             elif cls == 1:
                 ImageDraw.Draw(mask).ellipse(shape, fill=255)
             else:
-                ImageDraw.Draw(mask).polygon([(x0, y0 + bh), (x0 + bw, y0 + bh), (x0 + rng.uniform(0.2, 0.8) * bw, y0)], fill=255)
+                apex = (x0 + rng.uniform(0.2, 0.8) * bw, y0)
+                ImageDraw.Draw(mask).polygon([(x0, y0 + bh), (x0 + bw, y0 + bh), apex], fill=255)
             box = mask.getbbox()  # (l, t, r, b), r and b exclusive
             if box is None or min(box[2] - box[0], box[3] - box[1]) < 16:
                 continue

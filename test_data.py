@@ -229,9 +229,11 @@ def test_coco_tiny_matches_pycocotools():
             x, target, index = ds[k]
             info = coco.imgs[ds.ids[k]]
             h, w = x.shape[1:]
-            assert index == k and target["image_id"] == info["id"] and target["orig_size"] == (info["height"], info["width"])
+            assert index == k and target["image_id"] == info["id"]
+            assert target["orig_size"] == (info["height"], info["width"])
             assert min(h, w) == 160 or max(h, w) in (266, 267, 268)
-            ref = sorted([1 + cat_ids.index(a["category_id"]), a["bbox"][0] * w / info["width"]] for a in usable[ds.ids[k]])
+            ref = sorted([1 + cat_ids.index(a["category_id"]), a["bbox"][0] * w / info["width"]]
+                         for a in usable[ds.ids[k]])
             got = sorted([int(l), float(b[0])] for l, b in zip(target["labels"], target["boxes"]))
             assert [r[0] for r in ref] == [g[0] for g in got]
             assert np.allclose([r[1] for r in ref], [g[1] for g in got], atol=1e-3)
@@ -256,7 +258,8 @@ def test_demo_dataset_is_coco_and_deterministic(demo_root, tmp_path):
     assert all(1 <= len(gt.imgToAnns[i]) <= 5 for i in gt.getImgIds())
     # the same seed writes the same files; a second call leaves a complete split alone
     data.make_demo_dataset(str(tmp_path), seed=3, num_train=24, num_val=8)
-    for rel in ["annotations/instances_val2017.json", "train2017/" + sorted(os.listdir(os.path.join(demo_root, "train2017")))[5]]:
+    a_jpg = sorted(os.listdir(os.path.join(demo_root, "train2017")))[5]
+    for rel in ["annotations/instances_val2017.json", "train2017/" + a_jpg]:
         with open(os.path.join(demo_root, rel), "rb") as f1, open(os.path.join(tmp_path, rel), "rb") as f2:
             assert f1.read() == f2.read(), rel
     mtime = os.path.getmtime(ann)
