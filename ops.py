@@ -78,8 +78,8 @@ def _build(cflags, incs, ldflags, tag):
     root = os.environ.get("FRCNN_OPS_BUILD_DIR") or cpp_extension.get_default_build_root()
     build_dir = os.path.join(root, name)
     so = os.path.join(build_dir, f"{name}.so")
-    # Fast path for a cached start: load the .so directly, unless another process holds torch's build lock.
-    if os.path.isfile(so) and not os.path.exists(os.path.join(build_dir, "lock")):
+    done = os.path.join(build_dir, "built.ok")  # written after a complete build, so a half-linked .so is never used
+    if os.path.isfile(done) and os.path.isfile(so):  # cached start: load the .so, skip cpp_extension and ninja
         torch.ops.load_library(so)
         return so
     os.makedirs(build_dir, exist_ok=True)
@@ -89,6 +89,9 @@ def _build(cflags, incs, ldflags, tag):
                        extra_ldflags=ldflags + (["-fopenmp"] if torch._C.has_openmp else []),
                        build_directory=build_dir, is_python_module=False, verbose=verbose)
     _ext["build_s"] = time.time() - t0
+    with open(done + ".tmp", "w") as f:
+        f.write(f"{_ext['build_s']:.1f} s\n")
+    os.replace(done + ".tmp", done)
     _log(f"built {name} in {_ext['build_s']:.1f} s (cached in {build_dir})")
     return so
 
@@ -238,7 +241,10 @@ def _mlu_nms(boxes, scores, iou_threshold, offset):
 
 def nms(boxes, scores, iou_threshold, offset=0):
     """Kept indices (int64) of `boxes` (N,4) x1y1x2y2 after NMS, by decreasing score (ties: lower index first)."""
-    backend = backend_name(boxes.device)
+    return _nms(backend_name(boxes.device), boxes, scores, iou_threshold, offset)
+
+
+def _nms(backend, boxes, scores, iou_threshold, offset):
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     if backend == "native":
@@ -246,14 +252,17 @@ def nms(boxes, scores, iou_threshold, offset=0):
     if backend == "native-mlu":
         return _mlu_nms(boxes, scores, iou_threshold, offset)
     if backend == "cpu-roundtrip":
-        return nms(boxes.cpu(), scores.cpu(), iou_threshold, offset).to(boxes.device)
+        return _nms(backend_name("cpu"), boxes.cpu(), scores.cpu(), iou_threshold, offset).to(boxes.device)
     import torchvision
     return torchvision.ops.nms(_shift_legacy(boxes, offset), scores.to(boxes.dtype), iou_threshold)
 
 
 def batched_nms(boxes, scores, idxs, iou_threshold, offset=0):
     """NMS independently per category idxs (N,); kept indices (int64) by decreasing score."""
-    backend = backend_name(boxes.device)
+    return _batched_nms(backend_name(boxes.device), boxes, scores, idxs, iou_threshold, offset)
+
+
+def _batched_nms(backend, boxes, scores, idxs, iou_threshold, offset):
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     if backend == "native":
@@ -262,12 +271,13 @@ def batched_nms(boxes, scores, idxs, iou_threshold, offset=0):
         labels = torch.unique(idxs, return_inverse=True)[1]
         return _native_nms(boxes, scores, iou_threshold, offset, labels)
     if backend == "cpu-roundtrip":
-        return batched_nms(boxes.cpu(), scores.cpu(), idxs.cpu(), iou_threshold, offset).to(boxes.device)
+        return _batched_nms(backend_name("cpu"), boxes.cpu(), scores.cpu(), idxs.cpu(), iou_threshold,
+                            offset).to(boxes.device)
     # Other kernels: torchvision's coordinate-offset trick, one NMS where categories can never overlap. The gap
     # uses the full extent (torchvision uses only max + 1, which lets negative boxes of two categories touch).
     lo, hi = boxes.min(), boxes.max()
     shifted = boxes + (idxs.to(boxes) * (hi - lo + 1 + offset))[:, None]
-    return nms(shifted, scores, iou_threshold, offset)
+    return _nms(backend, shifted, scores, iou_threshold, offset)
 
 
 # ------------------------------------------------------------------------------------------------ ROIAlign
@@ -301,16 +311,20 @@ def boxes_to_rois(boxes):
 def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
     """(K,C,ph,pw) features of rois (K,5) = (batch_idx, x1,y1,x2,y2) in image coordinates, from input (B,C,H,W)
     at `spatial_scale`; sampling_ratio <= 0 is adaptive (ceil(roi_size / output_size) samples per bin)."""
+    return _roi_align(backend_name(input.device), input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+
+
+def _roi_align(backend, input, rois, output_size, spatial_scale, sampling_ratio, aligned):
     ph, pw = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
     if isinstance(rois, (list, tuple)):
         rois = boxes_to_rois(rois)
-    backend = backend_name(input.device)
     if backend == "torchvision":
         import torchvision
         return torchvision.ops.roi_align(input, rois.to(input.dtype), (ph, pw), spatial_scale, sampling_ratio,
                                          aligned)
     if backend == "cpu-roundtrip":  # autograd follows .cpu() and .to() back to the device
-        return roi_align(input.cpu(), rois.cpu(), (ph, pw), spatial_scale, sampling_ratio, aligned).to(input.device)
+        return _roi_align(backend_name("cpu"), input.cpu(), rois.cpu(), (ph, pw), spatial_scale, sampling_ratio,
+                          aligned).to(input.device)
     x = input
     if backend == "native-mlu":
         # CNNL wants float, x1,y1 >= 0 and x2 > x1, y2 > y1 (mlu.md 3.3); the detector's proposals are clipped

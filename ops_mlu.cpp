@@ -353,3 +353,178 @@ TORCH_LIBRARY_IMPL(frcnn_ops, CPU, m) {
   m.impl("roi_align_forward", &roi_align_forward_cpu);
   m.impl("roi_align_backward", &roi_align_backward_cpu);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// MLU kernels (Cambricon), compiled only with -DWITH_MLU, which ops.py adds once torch_mlu imported and cnnl.h was
+// found. Targets torch_mlu >= 1.22 (PyTorch >= 2.1, PrivateUse1 key) and CNNL 1.2x or 2.x; facts and their sources
+// are in ../shared/spec/mlu.md (sections 2.5, 2.6, 3, 6). Not compiled or run here: ops.py runs a one-time
+// self-test against the CPU kernels before routing any MLU tensor here. Device pointers come from data_ptr(),
+// which equals torch_mlu's mlu_data_ptr for float and int32 (mlu.md 6.4); double/long never reach CNNL.
+#ifdef WITH_MLU
+#include "aten/cnnl/cnnlHandle.h"
+#include "cnnl.h"
+#include "framework/core/MLUStream.h"
+#include "framework/core/mlu_guard.h"
+
+#if !defined(CNNL_MAJOR)
+#error "cnnl.h defines no CNNL_MAJOR; this CNNL is too old for ops_mlu.cpp (ops.py falls back)"
+#endif
+
+namespace {
+namespace mlu {
+
+#define FRCNN_CNNL_CHECK(expr)                                                                  \
+  do {                                                                                          \
+    const cnnlStatus_t status_ = (expr);                                                        \
+    TORCH_CHECK(status_ == CNNL_STATUS_SUCCESS, #expr " failed: ", cnnlGetErrorString(status_)); \
+  } while (0)
+
+cnnlDataType_t cnnl_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return CNNL_DTYPE_FLOAT;
+    case at::kHalf: return CNNL_DTYPE_HALF;
+    case at::kInt: return CNNL_DTYPE_INT32;
+    default: TORCH_CHECK(false, "frcnn_ops MLU: unsupported dtype ", t.scalar_type(), " (float, half, int32)");
+  }
+  return CNNL_DTYPE_INVALID;
+}
+
+// RAII tensor descriptor. A 4-D tensor is described NHWC (it must be channels_last contiguous); anything else as
+// a dense ARRAY (mlu.md 3.1).
+struct TensorDesc {
+  cnnlTensorDescriptor_t desc = nullptr;
+  explicit TensorDesc(const at::Tensor& t) {
+    FRCNN_CNNL_CHECK(cnnlCreateTensorDescriptor(&desc));
+    std::vector<int> dims;
+    cnnlTensorLayout_t layout = CNNL_LAYOUT_ARRAY;
+    if (t.dim() == 4) {
+      TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), "frcnn_ops MLU: 4-D tensors must be channels_last");
+      dims = {int(t.size(0)), int(t.size(2)), int(t.size(3)), int(t.size(1))};
+      layout = CNNL_LAYOUT_NHWC;
+    } else {
+      TORCH_CHECK(t.is_contiguous(), "frcnn_ops MLU: tensors must be contiguous");
+      for (int64_t s : t.sizes()) dims.push_back(int(s));
+    }
+    FRCNN_CNNL_CHECK(cnnlSetTensorDescriptor(desc, layout, cnnl_dtype(t), int(dims.size()), dims.data()));
+  }
+  ~TensorDesc() { if (desc) cnnlDestroyTensorDescriptor(desc); }
+  TensorDesc(const TensorDesc&) = delete;
+  TensorDesc& operator=(const TensorDesc&) = delete;
+};
+
+struct NmsDesc {
+  cnnlNmsDescriptor_t desc = nullptr;
+  NmsDesc() { FRCNN_CNNL_CHECK(cnnlCreateNmsDescriptor(&desc)); }
+  ~NmsDesc() { if (desc) cnnlDestroyNmsDescriptor(desc); }
+};
+
+struct RoiAlignDesc {
+  cnnlRoiAlignDescriptor_t desc = nullptr;
+  RoiAlignDesc() { FRCNN_CNNL_CHECK(cnnlCreateRoiAlignDescriptor(&desc)); }
+  ~RoiAlignDesc() { if (desc) cnnlDestroyRoiAlignDescriptor(desc); }
+};
+
+// Boxes here are valid (x1 < x2, y1 < y2) and offset-free: ops.py keeps degenerate boxes out and applies the
+// legacy +1 by shifting x2, y2 (mlu.md 3.2 constraints). Labels go through the coordinate-offset trick in ops.py.
+at::Tensor nms_mlu(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold, double offset,
+                   const c10::optional<at::Tensor>& labels) {
+  TORCH_CHECK(!(labels.has_value() && labels->defined()), "frcnn_ops MLU nms: labels unsupported (ops.py shifts)");
+  TORCH_CHECK(offset == 0, "frcnn_ops MLU nms: offset must be applied by ops.py");
+  TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4 && scores.dim() == 1 && scores.size(0) == boxes.size(0),
+              "frcnn_ops MLU nms: boxes (N, 4) and scores (N,), got ", boxes.sizes(), " and ", scores.sizes());
+  const int64_t n = boxes.size(0);
+  if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
+  torch_mlu::mlu::MLUGuard guard(boxes.device());
+  const at::Tensor b = boxes.to(at::kFloat).contiguous(), s = scores.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({n}, b.options().dtype(at::kInt));
+  at::Tensor out_size = at::zeros({1}, b.options().dtype(at::kInt));
+  TensorDesc b_desc(b), s_desc(s), out_desc(out);
+  // CNNL drops a box at IoU >= threshold, torchvision at > (mlu.md 3.2): the next float up makes them agree
+  // for IoUs computed in float.
+  const float thr = std::nextafter(static_cast<float>(iou_threshold), INFINITY);
+  const int max_out = static_cast<int>(n), layout = 0;
+  const float zero = 0.0f;
+  NmsDesc nms_desc;
+  auto handle = torch_mlu::getCurrentHandle();
+  size_t ws_bytes = 0;
+#if CNNL_MAJOR >= 2
+  // CNNL 2.0: one setter per attribute; value types as torch_mlu 1.25 passes them [I].
+  const cnnlNmsBoxPointMode_t box_mode = CNNL_NMS_BOX_DIAGONAL;
+  const cnnlNmsOutputMode_t out_mode = CNNL_NMS_OUTPUT_TARGET_INDICES;
+  const bool pad = false;
+  FRCNN_CNNL_CHECK(cnnlSetNmsDescAttr(nms_desc.desc, CNNL_NMS_DESC_BOX_MODE, &box_mode, sizeof(box_mode)));
+  FRCNN_CNNL_CHECK(cnnlSetNmsDescAttr(nms_desc.desc, CNNL_NMS_DESC_OUTPUT_MODE, &out_mode, sizeof(out_mode)));
+  FRCNN_CNNL_CHECK(cnnlSetNmsDescAttr(nms_desc.desc, CNNL_NMS_DESC_IOU_THRESHOLD, &thr, sizeof(thr)));
+  FRCNN_CNNL_CHECK(cnnlSetNmsDescAttr(nms_desc.desc, CNNL_NMS_DESC_MAX_OUTPUT_SIZE, &max_out, sizeof(max_out)));
+  FRCNN_CNNL_CHECK(cnnlSetNmsDescAttr(nms_desc.desc, CNNL_NMS_DESC_CONFIDENCE_THRESHOLD, &zero, sizeof(zero)));
+  FRCNN_CNNL_CHECK(cnnlSetNmsDescAttr(nms_desc.desc, CNNL_NMS_DESC_OFFSET, &zero, sizeof(zero)));
+  FRCNN_CNNL_CHECK(cnnlSetNmsDescAttr(nms_desc.desc, CNNL_NMS_DESC_INPUT_LAYOUT, &layout, sizeof(layout)));
+  FRCNN_CNNL_CHECK(cnnlSetNmsDescAttr(nms_desc.desc, CNNL_NMS_DESC_PAD_TO_MAX_OUTPUT_SIZE, &pad, sizeof(pad)));
+  FRCNN_CNNL_CHECK(cnnlGetNmsWorkspaceSize_v4(handle, nms_desc.desc, b_desc.desc, s_desc.desc, &ws_bytes));
+#else
+  // CNNL 1.2x (torch_mlu 1.22): torch_mlu's own settings for torchvision::nms (mlu.md 3.2, 6.6).
+  FRCNN_CNNL_CHECK(cnnlSetNmsDescriptor_v5(nms_desc.desc, CNNL_NMS_BOX_DIAGONAL, CNNL_NMS_OUTPUT_TARGET_INDICES,
+                                           CNNL_NMS_ALGO_EXCLUDE_BOUNDARY, CNNL_NMS_HARD_NMS, thr, zero, max_out,
+                                           zero, zero, layout, false));
+  FRCNN_CNNL_CHECK(cnnlGetNmsWorkspaceSize_v3(handle, b_desc.desc, s_desc.desc, &ws_bytes));
+#endif
+  at::Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(ws_bytes, 1))}, b.options().dtype(at::kByte));
+  FRCNN_CNNL_CHECK(cnnlNms_v2(handle, nms_desc.desc, b_desc.desc, b.data_ptr(), s_desc.desc, s.data_ptr(),
+                              ws.data_ptr(), ws_bytes, out_desc.desc, out.data_ptr(), out_size.data_ptr()));
+  const int kept = out_size.cpu().item<int>();  // deliberate sync: the count decides the output length
+  return out.slice(0, 0, kept).to(at::kLong);  // output mode 0: already by decreasing score
+}
+
+void check_mlu_roi_args(const at::Tensor& t, const at::Tensor& rois) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && rois.scalar_type() == at::kFloat,
+              "frcnn_ops MLU roi_align: float tensors expected (ops.py casts)");
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, "frcnn_ops MLU roi_align: rois (K, 5), got ", rois.sizes());
+}
+
+at::Tensor roi_align_forward_mlu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
+                                 int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
+  check_mlu_roi_args(input, rois);
+  TORCH_CHECK(input.dim() == 4, "frcnn_ops MLU roi_align: input (N, C, H, W), got ", input.sizes());
+  torch_mlu::mlu::MLUGuard guard(input.device());
+  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast), r = rois.contiguous();
+  at::Tensor out = at::zeros({rois.size(0), input.size(1), pooled_h, pooled_w},
+                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0 || x.numel() == 0) return out;
+  TensorDesc x_desc(x), r_desc(r), out_desc(out);
+  RoiAlignDesc desc;
+  FRCNN_CNNL_CHECK(cnnlSetRoiAlignDescriptor_v2(desc.desc, int(pooled_h), int(pooled_w), int(sampling_ratio),
+                                                float(spatial_scale), /*pool_mode avg=*/1, aligned));
+  FRCNN_CNNL_CHECK(cnnlRoiAlign_v2(torch_mlu::getCurrentHandle(), desc.desc, x_desc.desc, x.data_ptr(),
+                                   r_desc.desc, r.data_ptr(), out_desc.desc, out.data_ptr(), nullptr, nullptr,
+                                   nullptr, nullptr));
+  return out;
+}
+
+at::Tensor roi_align_backward_mlu(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
+                                  int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
+                                  int64_t height, int64_t width, int64_t sampling_ratio, bool aligned) {
+  check_mlu_roi_args(grad, rois);
+  torch_mlu::mlu::MLUGuard guard(grad.device());
+  const at::Tensor g = grad.contiguous(at::MemoryFormat::ChannelsLast), r = rois.contiguous();
+  // Zeroed, as mmcv does; torch_mlu leaves it uninitialised (mlu.md 3.3).
+  at::Tensor grad_input = at::zeros({batch_size, channels, height, width},
+                                    g.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (g.numel() == 0 || grad_input.numel() == 0) return grad_input;
+  TensorDesc g_desc(g), r_desc(r), gi_desc(grad_input);
+  // _v2 with NULL argmax and average pooling: the entry point kept in CNNL 2.0 (mlu.md 3.3).
+  FRCNN_CNNL_CHECK(cnnlRoiAlignBackward_v2(torch_mlu::getCurrentHandle(), g_desc.desc, g.data_ptr(), r_desc.desc,
+                                           r.data_ptr(), nullptr, nullptr, nullptr, nullptr, float(spatial_scale),
+                                           int(sampling_ratio), aligned, /*pool_mode avg=*/1, gi_desc.desc,
+                                           grad_input.data_ptr()));
+  return grad_input;
+}
+
+}  // namespace mlu
+}  // namespace
+
+TORCH_LIBRARY_IMPL(frcnn_ops, PrivateUse1, m) {
+  m.impl("nms", &mlu::nms_mlu);
+  m.impl("roi_align_forward", &mlu::roi_align_forward_mlu);
+  m.impl("roi_align_backward", &mlu::roi_align_backward_mlu);
+}
+#endif  // WITH_MLU
