@@ -134,6 +134,11 @@ def test_flip_formula_and_crop_drop():
     cfg = config.get("R-50-FPN", ["flip_prob=1.0", "min_size_train=(60,)"], verbose=False)
     out, boxes, _ = data.transform(img, np.array([[10, 5, 29, 24]], np.float32), cfg, random.Random(0))
     assert boxes[0].tolist() == [100 - 29 - 1, 5, 100 - 10 - 1, 24] == red_extent(out)
+    # fixed resize: per-axis scale, boxes stay on the pixels (to within the bilinear blur)
+    cfg = config.get("R-50-FPN", ["flip_prob=0", "fixed_size=64"], verbose=False)
+    out, boxes, _ = data.transform(img, np.array([[10, 5, 29, 24]], np.float32), cfg, random.Random(0))
+    assert out.size == (64, 64) and boxes[0].tolist() == pytest.approx([6.4, 5 * 64 / 60, 29 * 0.64, 24 * 64 / 60])
+    assert np.abs(boxes[0] - red_extent(out)).max() <= 1.5
     # a crop far from a second box drops it and keeps the labels aligned through the keep mask
     two = np.array([[0, 0, 9, 9], [90, 50, 99, 59]], np.float32)
     _, boxes, keep = data.random_crop(img, two, 20, random.Random(5), tries=0)
@@ -177,6 +182,8 @@ def test_train_loader_resume_gives_identical_batches(demo_root):
     ref = [b for _, b in zip(range(5), loader)]
     state = loader.state(3)
     resumed = data.make_train_loader(cfg, 0, 1, start_iter=3, sampler_state=json.loads(json.dumps(state)))
+    for images, sizes, targets, _ in ref:  # multi-scale: short side drawn from (64, 96) unless the long side caps
+        assert all(min(s) in (64, 96) or max(s) in (159, 160, 161) for s in sizes)
     for a, b in zip(ref[3:], resumed):
         assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[3] == b[3]
         assert all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(a[2], b[2]))
