@@ -11,7 +11,7 @@ Loaders (both yield (images (N,3,Hp,Wp), image_sizes [(h, w)], targets [dict], d
     loader = make_train_loader(cfg, rank, world_size, start_iter=0, sampler_state=None)  # endless; per-rank
     loader.state(it)            # the sampler position after `it` iterations: store it in the checkpoint
     loader = make_test_loader(cfg, split=None, rank=0, world_size=1)  # every image once, contiguous shards
-    loader.dataset              # CocoDetection: .coco, .ids, .cat_ids, .names, .label_to_cat_id
+    loader.dataset              # CocoDetection: .coco (test only), .ids, .cat_ids, .names, .label_to_cat_id
 A target is {"boxes": (G,4) float32 legacy xyxy in resized pixels, "labels": (G,) int64 in 1..K,
 "image_id": json id, "orig_size": (h, w) of the file}. Resuming replays the batch stream from (seed, epoch),
 so a resumed run sees exactly the images and augmentations an uninterrupted one would have seen.
@@ -138,13 +138,16 @@ class CocoDetection(torch.utils.data.Dataset):
             self.boxes.append(boxes[keep])
             self.labels.append(labels[keep])
         self.sizes = [(self.coco.imgs[i]["width"], self.coco.imgs[i]["height"]) for i in self.ids]  # (w, h)
+        self.files = [self.coco.imgs[i]["file_name"] for i in self.ids]
+        if train:  # COCO train's index is GBs of Python objects that every worker would slowly copy: drop it
+            self.coco = None
         self.aspect_group = np.array([int(h >= w) for w, h in self.sizes], dtype=np.int64)  # upstream: h/w < 1 -> 0
 
     def __len__(self):
         return len(self.ids)
 
     def path(self, index):
-        return os.path.join(self.root, self.split, self.coco.imgs[self.ids[index]]["file_name"])
+        return os.path.join(self.root, self.split, self.files[index])
 
     def __getitem__(self, key):
         index, rng = (int(key), None) if isinstance(key, (int, np.integer)) else (key[0], random.Random(key[1]))
