@@ -34,15 +34,14 @@ from PIL import Image, ImageDraw
 
 def load_image(path):
     """PIL RGB image on the file's raw pixel grid. EXIF orientation is deliberately NOT applied: upstream
-    doesn't, and COCO's boxes, width and height are annotated on the stored (unrotated) pixels."""
-    img = Image.open(path)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit / 32-bit grayscale: convert("RGB") would clip every value above 255 to white; rescale.
-        arr = np.asarray(img).astype(np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr, "L")
-    return img.convert("RGB")  # grayscale, palette, CMYK, RGBA (alpha dropped, as upstream) -> RGB
+    doesn't, and a COCO json's width, height and boxes describe the stored pixel grid."""
+    with Image.open(path) as img:
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            # 16-bit / 32-bit grayscale: convert("RGB") would clip every value above 255 to white; rescale.
+            arr = np.asarray(img).astype(np.float64)
+            peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            return Image.fromarray(np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8), "L").convert("RGB")
+        return img.convert("RGB")  # grayscale, palette, CMYK, RGBA (alpha dropped, as upstream) -> RGB
 
 
 def resize_size(w, h, min_size, max_size):
@@ -80,8 +79,8 @@ def pad_batch(tensors, size_divisibility=32):
         hp = -(-hp // size_divisibility) * size_divisibility
         wp = -(-wp // size_divisibility) * size_divisibility
     shape = (len(tensors), tensors[0].shape[0], hp, wp)
-    if all(t.device.type == "cpu" and not t.requires_grad for t in tensors):  # numpy: no intra-op thread stalls
-        batch = np.zeros(shape, dtype=tensors[0].numpy().dtype)
+    if all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors):
+        batch = np.zeros(shape, dtype=np.float32)  # numpy: torch's threaded fill and copy stall on a busy machine
         for b, t in zip(batch, tensors):
             b[:, : t.shape[1], : t.shape[2]] = t.numpy()
         return torch.from_numpy(batch), list(zip(hs, ws))
