@@ -132,7 +132,7 @@ class CocoDetection(torch.utils.data.Dataset):
             boxes, keep = legacy_boxes([a["bbox"] for a in anns], info["width"], info["height"])
             labels = np.array([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=np.int64)
             if train and not keep.any():
-                continue  # upstream would crash on an image with no boxes; it is no use in training
+                continue  # upstream keeps images whose boxes are all crowd or degenerate, then crashes on them
             self.ids.append(img_id)
             self.boxes.append(boxes[keep])
             self.labels.append(labels[keep])
