@@ -152,6 +152,9 @@ def main(argv=None):
         ok = cfg_device == "cpu" or (cfg_device.startswith("cuda") and torch.cuda.is_available())
         args.device = cfg_device if ok else "cpu"
     device = resolve_device(args.device)
+    # Upstream ran plain FP32; TF32 convolutions and matmuls (Ampere and later) would change its detections
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     net, cfg = load_model(args.ckpt, args.config, args.overrides, device)
     if args.images:
         run_folder(args, net, cfg, device)

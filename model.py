@@ -333,7 +333,7 @@ class RPN(nn.Module):
         n = feats[0].shape[0]
         # flatten to (N, Hf*Wf*A) and (N, Hf*Wf*A, 4) in the anchors' (y, x, a) order (spec 3.4)
         logits = [o.permute(0, 2, 3, 1).reshape(n, -1) for o in logits]
-        deltas = [d.view(n, -1, 4, *d.shape[-2:]).permute(0, 3, 4, 1, 2).reshape(n, -1, 4) for d in deltas]
+        deltas = [d.reshape(n, -1, 4, *d.shape[-2:]).permute(0, 3, 4, 1, 2).reshape(n, -1, 4) for d in deltas]
         with torch.no_grad():
             proposals = self.select_proposals(anchors, logits, deltas, image_sizes)
         if not self.training:

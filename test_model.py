@@ -195,6 +195,25 @@ def test_frozen_bn_has_no_epsilon_and_folds_into_conv():
     torch.testing.assert_close(model.conv_norm(x, conv, bn4), bn4(conv(x)), rtol=1e-4, atol=1e-3)
 
 
+def test_folded_backbone_matches_unfolded(monkeypatch):
+    """FrozenBN folded into the convs (model.conv_norm) against separate conv and BN ops, on random BN stats."""
+    torch.manual_seed(0)
+    m = model.build_model(tiny_cfg(stage_blocks=(2, 1, 1, 1))).eval()
+    for mod in m.modules():
+        if isinstance(mod, model.FrozenBatchNorm2d):
+            mod.weight.uniform_(0.5, 1.5)
+            mod.bias.normal_(0, 0.1)
+            mod.running_mean.normal_(0, 0.1)
+            mod.running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        folded = m.backbone(x)
+        monkeypatch.setattr(model, "conv_norm", lambda x, conv, norm: norm(conv(x)))
+        unfolded = m.backbone(x)
+    for a, b in zip(folded, unfolded):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
 # ---- forward and backward
 
 
