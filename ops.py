@@ -97,9 +97,13 @@ def _build(cflags, incs, ldflags, tag):
 
 
 def _first_line(e):
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    errs = [ln for ln in lines if "error" in ln.lower()]
-    return (errs or lines or [type(e).__name__])[0][:200]
+    """The line of a build error worth showing: the compiler's first 'error:', else a shell's 'not found'."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    for pattern in ("error:", "not found", "No such file"):
+        hits = [ln for ln in lines if pattern in ln]
+        if hits:
+            return hits[0][:160]
+    return lines[0][:160]
 
 
 def load_extension():
