@@ -220,23 +220,14 @@ def bench_model(args):
             raise SystemExit(f"bench model: case {case} failed:\n{out.stderr[-3000:]}")
         peak[case] = float(out.stdout.strip().splitlines()[-1])
     rows = []
-
-    def same_nms(a, b, scores):  # equal scores may come out in another order from torchvision (its sort is unstable)
-        return "same" if torch.equal(a.sort()[0], b.sort()[0]) and torch.equal(scores[a], scores[b]) else "DIFFERENT"
     for what, mode in (("inference", "infer"), ("training", "train")):
         (ours, n), (tv, _) = _model_runner(f"ours-{mode}", device), _model_runner(f"tv-{mode}", device)
-        times = {ours: [], tv: []}
-        for fn in (ours, tv):
-            fn()
-        for _ in range(args.repeats):
-            for fn in (ours, tv):
-                times[fn].append(median_time(fn, device, 1, warmup=0) / n)
-        a, b = statistics.median(times[ours]), statistics.median(times[tv])
+        a, b = (t / n for t in median_times([ours, tv], device, args.repeats))
         rows.append([f"R-50-FPN {what}, batch {n}, s per image", f"{a:.3f}", f"{b:.3f}", f"{a / b:.2f}",
                      f"{peak[f'ours-{mode}']:.0f}", f"{peak[f'tv-{mode}']:.0f}"])
-        del ours, tv, times
+        del ours, tv
     r101, _ = _model_runner("r101-infer", device)
-    rows.append(["R-101-FPN inference, batch 1, s per image", f"{median_time(r101, device, args.repeats):.3f}",
+    rows.append(["R-101-FPN inference, batch 1, s per image", f"{median_times([r101], device, args.repeats)[0]:.3f}",
                  "-", "-", f"{peak['r101-infer']:.0f}", "-"])
     mem = "peak MiB (process max RSS)" if device.type == "cpu" else "peak MiB (allocated)"
     print_table(["measurement", "ours", "torchvision", "ours/tv", f"ours {mem}", "torchvision"], rows)
