@@ -98,8 +98,45 @@ def save(path, model, cfg, **extra):
     model = getattr(model, "module", model)  # DistributedDataParallel
     ckpt = {"model": model.state_dict(), "config": config.to_dict(cfg), **extra}
     tmp = f"{path}.tmp"
-    torch.save(ckpt, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the name points at them
     os.replace(tmp, path)
+
+
+# ---- training checkpoints: output_dir/model_{iteration:07d}.pth, newest K kept
+
+def training_checkpoints(out_dir):
+    """Paths of the training checkpoints in out_dir, newest (highest iteration) first."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = [n for n in os.listdir(out_dir) if n.startswith("model_") and n.endswith(".pth") and n[6:-4].isdigit()]
+    return [os.path.join(out_dir, n) for n in sorted(names, key=lambda n: int(n[6:-4]), reverse=True)]
+
+
+def save_training(out_dir, iteration, model, optimizer, cfg, keep=3, **extra):
+    """Write model_{iteration}.pth (model, config, optimizer, iteration, extra) and delete all but the newest
+    keep checkpoints."""
+    path = os.path.join(out_dir, f"model_{iteration:07d}.pth")
+    save(path, model, cfg, optimizer=optimizer.state_dict(), iteration=iteration, **extra)
+    for old in training_checkpoints(out_dir)[max(keep, 1):]:
+        os.remove(old)
+    return path
+
+
+def latest_training(out_dir):
+    """(path, checkpoint dict) of the newest checkpoint in out_dir that loads completely, or (None, None).
+    A truncated or corrupt file is reported and skipped, never loaded half."""
+    for path in training_checkpoints(out_dir):
+        try:
+            ckpt = load(path)
+            if not {"model", "optimizer", "iteration", "config"} <= set(ckpt):
+                raise CheckpointError("not a training checkpoint (no optimizer or iteration)")
+            return path, ckpt
+        except Exception as e:  # torch raises several types for a damaged zip; every one means "skip"
+            print(f"checkpoint: skipping {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
+    return None, None
 
 
 # ---- Detectron / Caffe2 ImageNet pickles (spec 4.4)
