@@ -2,6 +2,10 @@
 
     # detections on a folder of images (upstream's checkpoint or ours), optionally drawn
     python evaluate.py --ckpt e2e_faster_rcnn_R_101_FPN_1x.pth --images photos/ --output dets.json --vis vis/
+    # COCO box AP of a split (upstream's checkpoint needs --config; ours carry theirs), one process or many
+    python evaluate.py --ckpt e2e_faster_rcnn_R_101_FPN_1x.pth --data-root datasets/coco --split val2017 \
+        --ims-per-batch 32 --device mlu
+    torchrun --nproc_per_node 8 evaluate.py --ckpt output/model_0090000.pth --device cuda
 
 The output is a JSON list, one record per detection: {"file_name", "bbox": [x, y, w, h] in the original
 image's pixels with upstream's +1 width (w = x2 - x1 + 1), "score", "category_id" (the real COCO id)}.
@@ -11,8 +15,10 @@ reproduces upstream exactly (batching changes the padding, spec pitfall 5).
 import argparse
 import json
 import os
+import sys
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 import checkpoint
@@ -33,14 +39,26 @@ COCO_NAMES = [n.replace("_", " ") for n in COCO_NAMES]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def resolve_device(name):
-    if name.startswith("mlu"):
-        import torch_mlu  # noqa: F401  (registers the mlu device)
-        if not torch.mlu.is_available():
-            raise SystemExit(f"--device {name}: torch_mlu is installed but no MLU is available")
-    elif name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available here; use --device cpu")
-    return torch.device(name)
+def resolve_device(name, local_rank=0):
+    """torch.device for "cpu", "cuda" or "mlu" (card local_rank), or a ConfigError saying what to do."""
+    name = name.split(":")[0]
+    if name not in ("cpu", "cuda", "mlu"):
+        raise config.ConfigError(f"device {name!r} is not one of cpu, cuda, mlu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mlu":
+        try:
+            import torch_mlu  # noqa: F401  registers the "mlu" device and torch.mlu
+        except ImportError:
+            raise config.ConfigError("device mlu needs torch_mlu (Cambricon's PyTorch image); "
+                                     "use device cpu or cuda on this machine") from None
+    module = getattr(torch, name)
+    count = module.device_count() if module.is_available() else 0
+    if local_rank >= count:
+        raise config.ConfigError(f"device {name} card {local_rank} is not available here ({count} cards seen): "
+                                 "use device cpu, or fewer processes per node")
+    module.set_device(local_rank)
+    return torch.device(name, local_rank)
 
 
 def load_model(ckpt_path, preset=None, overrides=(), device="cpu"):
@@ -136,31 +154,142 @@ def run_folder(args, net, cfg, device):
     print(f"evaluate: {len(results)} detections on {len(paths)} images -> {args.output}")
 
 
+def coco_evaluator():
+    """(name, COCO, COCOeval) of the fastest installed evaluator that gives pycocotools' numbers: hotcoco
+    (bit-identical in test_evaluate.py), else faster-coco-eval (equal to ~1e-16), else pycocotools itself."""
+    try:
+        import hotcoco
+        return "hotcoco", hotcoco.COCO, hotcoco.COCOeval
+    except ImportError:
+        pass
+    try:
+        from faster_coco_eval import COCO, COCOeval_faster
+        return "faster-coco-eval", COCO, COCOeval_faster
+    except ImportError:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+        return "pycocotools", COCO, COCOeval
+
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def coco_stats(ann_file, results, evaluator=None):
+    """The twelve COCOeval bbox numbers (summarize() prints the table) of result records against ann_file."""
+    _, COCO, COCOeval = evaluator or coco_evaluator()
+    gt = COCO(ann_file)
+    if not results:  # loadRes cannot take an empty list
+        return dict.fromkeys(STAT_NAMES, 0.0)
+    e = COCOeval(gt, gt.loadRes(results), "bbox")
+    e.evaluate()
+    e.accumulate()
+    e.summarize()
+    return dict(zip(STAT_NAMES, map(float, list(e.stats)[:12])))
+
+
+def evaluate_coco(net, cfg, device, rank=0, world_size=1, split=None, output_dir=None):
+    """COCO box evaluation as upstream's inference(): every image of the split once, sharded over ranks and
+    gathered on rank 0 by dataset index. Rank 0 prints the COCO table and AP/AP50, writes
+    coco_results_{split}.json and metrics_{split}.json to output_dir and returns the metrics (others: None)."""
+    from tqdm import tqdm
+    split = split or cfg.val_split
+    loader = data.make_test_loader(cfg, split, rank, world_size)
+    ds = loader.dataset
+    was_training = net.training
+    net.eval()
+    mine = {}
+    batches = ((images, sizes, indices) for images, sizes, _, indices in loader)
+    total = sum(len(b) for b in loader.batch_sampler)
+    for index, size, det in tqdm(predict(net, batches, device), total=total, desc=f"eval {split}",
+                                 disable=rank != 0, leave=False):
+        w, h = ds.sizes[index]  # back to the json's size, as upstream's prepare_for_coco_detection
+        mine[index] = [{"image_id": ds.ids[index], **r} for r in coco_records(det, size, (h, w), ds.label_to_cat_id)]
+    net.train(was_training)
+    parts = [mine]
+    if world_size > 1:
+        parts = [None] * world_size if rank == 0 else None
+        dist.gather_object(mine, parts, dst=0)
+    if rank != 0:
+        return None
+    merged = {i: recs for part in parts for i, recs in part.items()}
+    assert len(merged) == len(ds), f"evaluation gathered {len(merged)} of {len(ds)} images"
+    results = [r for i in sorted(merged) for r in merged[i]]
+    out = output_dir or cfg.output_dir
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"coco_results_{split}.json"), "w") as f:
+        json.dump(results, f)
+    evaluator = coco_evaluator()
+    stats = coco_stats(os.path.join(cfg.data_root, "annotations", f"instances_{split}.json"), results, evaluator)
+    metrics = {"split": split, "images": len(ds), "detections": len(results), "evaluator": evaluator[0], **stats}
+    with open(os.path.join(out, f"metrics_{split}.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    print(f"evaluate: {split}: AP {stats['AP']:.4f}  AP50 {stats['AP50']:.4f}  ({len(ds)} images, "
+          f"{len(results)} detections, {evaluator[0]}) -> {out}")
+    return metrics
+
+
+def visualize_split(net, cfg, device, out_dir, count=8, split=None):
+    """Draw net's detections (score >= 0.5) on the first count images of a split into out_dir."""
+    ds = data.make_test_loader(cfg, split).dataset
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [ds.path(i) for i in range(min(count, len(ds)))]
+    names = dict(zip(ds.label_to_cat_id.values(), ds.names[1:]))
+    was_training = net.training
+    net.eval()
+    for (path, orig), size, det in predict(net, folder_batches(paths, cfg), device):
+        records = [r for r in coco_records(det, size, orig, ds.label_to_cat_id) if r["score"] >= 0.5]
+        draw(path, records, names, os.path.join(out_dir, os.path.basename(path)))
+    net.train(was_training)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="upstream .pth or one of ours")
     p.add_argument("--config", default=None, help=f"preset for checkpoints without a config: {', '.join(config.PRESETS)}")
-    p.add_argument("--images", help="folder of images to run on")
+    p.add_argument("--images", help="folder of images to run on (instead of a COCO split)")
+    p.add_argument("--data-root", default=None, help="COCO layout root (default: the config's data_root)")
+    p.add_argument("--split", default=None, help="split to evaluate (default: the config's val_split)")
+    p.add_argument("--output-dir", default=None, help="where the COCO results and metrics go")
     p.add_argument("--output", default="dets.json", help="results json")
     p.add_argument("--vis", default="", help="folder for drawn images")
     p.add_argument("--device", default=None, help="cpu, cuda or mlu (default: the config's, cpu if unavailable)")
-    p.add_argument("--ims-per-batch", type=int, default=1, help="images per forward")
+    p.add_argument("--ims-per-batch", type=int, default=None,
+                   help="images per forward over all processes (default: 1 for --images, test_ims_per_batch for COCO)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = p.parse_args(argv)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.device is None:
         cfg_device = config.get(args.config or "R-101-FPN", verbose=False).device
         ok = cfg_device == "cpu" or (cfg_device.startswith("cuda") and torch.cuda.is_available())
         args.device = cfg_device if ok else "cpu"
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     # Upstream ran plain FP32; TF32 convolutions and matmuls (Ampere and later) would change its detections
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    net, cfg = load_model(args.ckpt, args.config, args.overrides, device)
+    overrides = list(args.overrides) + [f"device={device.type}"]
+    if args.data_root:
+        overrides.append(f"data_root={args.data_root}")
     if args.images:
-        run_folder(args, net, cfg, device)
-    else:
-        raise SystemExit("nothing to do: pass --images DIR")
+        args.ims_per_batch = args.ims_per_batch or 1
+        net, cfg = load_model(args.ckpt, args.config, overrides, device)
+        return run_folder(args, net, cfg, device)
+    if args.ims_per_batch:
+        overrides.append(f"test_ims_per_batch={args.ims_per_batch}")
+    net, cfg = load_model(args.ckpt, args.config, overrides, device)
+    if cfg.test_ims_per_batch % world_size:
+        raise config.ConfigError(f"--ims-per-batch {cfg.test_ims_per_batch} is not divisible by {world_size} "
+                                 f"processes: use a multiple of {world_size}")
+    if world_size > 1:
+        dist.init_process_group({"cpu": "gloo", "cuda": "nccl", "mlu": "cncl"}[device.type])
+    metrics = evaluate_coco(net, cfg, device, rank, world_size, args.split, args.output_dir or cfg.output_dir)
+    if world_size > 1:
+        dist.destroy_process_group()
+    return metrics
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (config.ConfigError, checkpoint.CheckpointError, FileNotFoundError) as e:  # expected mistakes: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
