@@ -95,8 +95,9 @@ def main(argv=None):
                 f.write(json.dumps(record) + "\n")
 
     # ---- data (the demo writes its data set once, on rank 0)
-    if args.config == "demo" and rank == 0:
-        data.make_demo_dataset(cfg.data_root, seed=cfg.seed)
+    if args.config == "demo" and rank == 0 and not os.path.isfile(
+            os.path.join(cfg.data_root, "annotations", f"instances_{cfg.val_split}.json")):  # written last
+        data.make_demo_dataset(cfg.data_root)
     if world_size > 1:
         dist.barrier()
     # ---- model, optimizer, resume
@@ -114,7 +115,6 @@ def main(argv=None):
         checkpoint.load_state(model, checkpoint.model_state(state), repr(resumed))
         optimizer.load_state_dict(state["optimizer"])
         start_iter, sampler_state = state["iteration"], state.get("sampler")
-        torch.set_rng_state(state["rng"][rank % len(state["rng"])])
         if scaler and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
     elif args.resume and rank == 0:
@@ -122,6 +122,9 @@ def main(argv=None):
     if not resumed and cfg.weights:
         checkpoint.load_detectron_pickle(model, cfg.weights)
     loader = data.make_train_loader(cfg, rank, world_size, start_iter, sampler_state)
+    batches = iter(loader)  # creating the iterator draws from the global RNG: do it before restoring it
+    if resumed:
+        torch.set_rng_state(state["rng"][rank % len(state["rng"])])
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     lr_scale = cfg.ims_per_batch / 16
     if rank == 0:
@@ -145,7 +148,7 @@ def main(argv=None):
     model.train()
     end = time.time()
     data_time = iter_time = 0.0
-    for it, (images, image_sizes, targets, _) in zip(range(start_iter, cfg.max_iter), loader):
+    for it, (images, image_sizes, targets, _) in zip(range(start_iter, cfg.max_iter), batches):
         images = images.to(device, non_blocking=True)
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items() if k in ("boxes", "labels")}
                    for t in targets]
