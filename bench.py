@@ -3,6 +3,7 @@
     python bench.py ops                   # our NMS / ROIAlign against torchvision's, with the ratio ours/tv
     python bench.py ops --repeats 9 --device cpu
     python bench.py data                  # training data pipeline on coco_tiny: img/s per worker, ours/tv
+    python bench.py eval --repeats 3      # pycocotools against the evaluator in use, on 5000 synthetic images
 
 To add a subcommand (model, data, eval): write `bench_<name>(args)` and register it in `SUBCOMMANDS` with a
 function that adds its own options to its subparser; --device and --repeats are shared.
@@ -302,10 +303,55 @@ def _data_options(p):
     p.add_argument("--workers", type=int, default=2, help="loader worker processes (default 2)")
 
 
+# -------------------------------------------------------------------------------------------------- eval
+def bench_eval(args):
+    """pycocotools against the evaluator evaluate.py picks, on a synthetic COCO-sized problem: args.images
+    images with 1-15 boxes of 80 classes, 100 noisy or random detections per image; the twelve numbers must agree."""
+    import contextlib, io, json, os, random, tempfile  # noqa: E401
+    import evaluate
+    rng = random.Random(0)
+    images, anns, dets = [], [], []
+    for i in range(1, args.images + 1):
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": 640, "height": 480})
+        for _ in range(rng.randint(1, 15)):
+            w, h = rng.uniform(4, 300), rng.uniform(4, 300)
+            x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": rng.randint(1, 80), "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": int(rng.random() < 0.01)})
+    for a in anns:
+        for _ in range(3):
+            x, y, w, h = a["bbox"]
+            dets.append({"image_id": a["image_id"], "category_id": a["category_id"], "score": rng.random(),
+                         "bbox": [x + rng.gauss(0, w / 8), y + rng.gauss(0, h / 8), w * rng.uniform(.8, 1.2), h * rng.uniform(.8, 1.2)]})
+    while len(dets) < 100 * args.images:
+        dets.append({"image_id": rng.randint(1, args.images), "category_id": rng.randint(1, 80), "score": rng.random(),
+                     "bbox": [rng.uniform(0, 600), rng.uniform(0, 440), rng.uniform(4, 200), rng.uniform(4, 200)]})
+    ann_file = os.path.join(tempfile.mkdtemp(), "instances.json")
+    with open(ann_file, "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in range(1, 81)]}, f)
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    chosen = evaluate.coco_evaluator()
+    results = {}
+
+    def run(ev):
+        with contextlib.redirect_stdout(io.StringIO()):
+            results[ev[0]] = evaluate.coco_stats(ann_file, dets, ev)
+    ref = ("pycocotools", COCO, COCOeval)
+    t_ref, t_ours = median_times([lambda: run(ref), lambda: run(chosen)], torch.device("cpu"), args.repeats, warmup=0)
+    same = results["pycocotools"] == results[chosen[0]]
+    print(f"{args.images} images, {len(anns)} boxes, {len(dets)} detections; AP {results['pycocotools']['AP']:.4f}")
+    print_table(["evaluator", "seconds", "ratio to pycocotools", "12 numbers"], [
+        ["pycocotools", f"{t_ref:.2f}", "1.00", "reference"],
+        [chosen[0], f"{t_ours:.2f}", f"{t_ours / t_ref:.3f}", "identical" if same else "DIFFERENT"]])
+
+
 # ------------------------------------------------------------------------------------------------- main
 SUBCOMMANDS = {  # name -> (function, help, function adding its own options)
     "ops": (bench_ops, "NMS and ROIAlign: ours against torchvision's", lambda p: None),
     "data": (bench_data, "training data pipeline: images per second per worker on coco_tiny", _data_options),
+    "eval": (bench_eval, "COCO evaluation: pycocotools against the evaluator in use, same numbers",
+             lambda p: p.add_argument("--images", type=int, default=5000, help="synthetic images (default 5000)")),
     "model": (bench_model, "Faster R-CNN R-50-FPN inference and training: ours against torchvision's", _model_options),
 }
 
