@@ -317,12 +317,13 @@ DEMO_SIZES = ((320, 256), (256, 320), (352, 256), (288, 288), (384, 256), (256, 
 
 def _demo_image(rng, file_name, img_id, ann_id):
     """One generated picture: a smooth random background with grain and clutter lines, then 1-5 shapes of
-    24-120 px whose hue leans on the class; shapes may overlap (another box covers at most half of one,
-    IoU <= 0.3) and may run off the border (the box is the visible part). Returns (image, info, annotations)."""
+    24-120 px, h/w between 1:2 and 2:1 like the anchors, whose hue leans on the class. Shapes may overlap
+    (another box covers at most half of one, IoU <= 0.3) and may run off the border (the box is then the
+    visible part). Returns (image, info, annotations)."""
     w, h = DEMO_SIZES[rng.integers(len(DEMO_SIZES))]
     low = rng.uniform(0, 255, (h // 40 + 2, w // 40 + 2, 3)).astype(np.uint8)
     low = Image.fromarray(low).resize((w, h), Image.BICUBIC)  # smooth colour blotches
-    img = rng.uniform(70, 170) + 0.45 * (np.asarray(low, np.float32) - 128) + rng.normal(0, 10, (h, w, 3))
+    img = rng.uniform(70, 170) + 0.3 * (np.asarray(low, np.float32) - 128) + rng.normal(0, 10, (h, w, 3))
     clutter = Image.new("L", (w, h))
     for _ in range(rng.integers(0, 6)):
         ImageDraw.Draw(clutter).line([tuple(rng.uniform(0, w, 2)), tuple(rng.uniform(0, h, 2))], fill=255, width=2)
@@ -331,7 +332,8 @@ def _demo_image(rng, file_name, img_id, ann_id):
     for _ in range(rng.integers(1, 6)):
         for _try in range(20):
             cls = int(rng.integers(len(DEMO_CLASSES)))
-            bw, bh = rng.uniform(24, 120, 2)
+            side, aspect = rng.uniform(30, 110), np.exp(rng.uniform(-0.7, 0.7))  # h/w within 1:2 and 2:1
+            bw, bh = np.clip([side / np.sqrt(aspect), side * np.sqrt(aspect)], 24, 120)
             x0, y0 = rng.uniform(-0.3 * bw, w - 0.7 * bw), rng.uniform(-0.3 * bh, h - 0.7 * bh)
             shape = [x0, y0, x0 + bw, y0 + bh]
             mask = Image.new("L", (w, h))
@@ -349,7 +351,7 @@ def _demo_image(rng, file_name, img_id, ann_id):
                 break
         else:
             continue
-        hue = (cls / len(DEMO_CLASSES) + rng.normal(0, 0.07)) % 1.0
+        hue = (cls / len(DEMO_CLASSES) + rng.normal(0, 0.05)) % 1.0
         colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 1), rng.uniform(0.55, 1))) * 255
         m = np.asarray(mask) > 0
         img[m] = colour + rng.normal(0, 6, (int(m.sum()), 3))
@@ -374,7 +376,7 @@ def make_demo_dataset(root, seed=0, num_train=500, num_val=100, splits=("train20
     is left alone; the json is written last (temporary file, rename), so an interrupted run is redone."""
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     for k, (split, count) in enumerate(zip(splits, (num_train, num_val))):
-        recipe = f"demo shapes v1 seed={seed} split={k} count={count}"
+        recipe = f"demo shapes v3 seed={seed} split={k} count={count}"
         ann_path = os.path.join(root, "annotations", f"instances_{split}.json")
         if os.path.isfile(ann_path):
             with open(ann_path) as f:
