@@ -4,7 +4,8 @@
     python train.py --config R-101-FPN weights=R-101.pkl data_root=datasets/coco device=cuda
     torchrun --nproc_per_node 8 train.py --config R-101-FPN weights=R-101.pkl device=cuda
     torchrun --nnodes 2 --node_rank R --master_addr HOST --master_port 29500 --nproc_per_node 8 train.py ...
-    torchrun --max-restarts 3 ... train.py ... --resume  # a rank that dies restarts from the last checkpoint
+    # a rank that dies restarts the job from the last checkpoint (restarts need the c10d rendezvous):
+    torchrun --max-restarts 3 --rdzv-backend c10d --rdzv-endpoint localhost:29500 --nproc_per_node 8 train.py ... --resume
 
 Any config field can be overridden as key=value or --key value (see config.py). --resume continues from the
 newest loadable checkpoint in output_dir: model, optimizer, iteration, sampler position and RNG.
@@ -80,11 +81,11 @@ def main(argv=None):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cfg = config.get(args.config, overrides, verbose=rank == 0)
     device = evaluate.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
-    if world_size > 1:
-        dist.init_process_group(BACKENDS[device.type], timeout=datetime.timedelta(minutes=30))
     if cfg.ims_per_batch % world_size:
         raise config.ConfigError(f"ims_per_batch={cfg.ims_per_batch} is not divisible by {world_size} processes: "
                                  f"set ims_per_batch to a multiple of {world_size}")
+    if world_size > 1:
+        dist.init_process_group(BACKENDS[device.type], timeout=datetime.timedelta(minutes=30))
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.output_dir, exist_ok=True)
     log_path = os.path.join(cfg.output_dir, "log.jsonl")
@@ -95,7 +96,7 @@ def main(argv=None):
                 f.write(json.dumps(record) + "\n")
 
     # ---- data (the demo writes its data set once, on rank 0)
-    if args.config == "demo" and rank == 0 and not os.path.isfile(
+    if cfg.data_root == config.PRESETS["demo"].data_root and rank == 0 and not os.path.isfile(
             os.path.join(cfg.data_root, "annotations", f"instances_{cfg.val_split}.json")):  # written last
         data.make_demo_dataset(cfg.data_root)
     if world_size > 1:
@@ -135,6 +136,11 @@ def main(argv=None):
              "versions": {"python": platform.python_version(), "torch": torch.__version__}})
 
     def save(it):
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # a step with a finite loss can still overflow the weights: never checkpoint those
+            raise FloatingPointError(f"non-finite weights after iteration {it} ({', '.join(bad[:4])}"
+                                     f"{' ...' if len(bad) > 4 else ''}); nothing saved: the newest checkpoint in "
+                                     f"{cfg.output_dir} is the last good state; lower base_lr or check the data")
         rng = [torch.get_rng_state()]  # every rank's, so each resumes its own random stream
         if world_size > 1:
             rng = [None] * world_size
