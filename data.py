@@ -17,6 +17,7 @@ A target is {"boxes": (G,4) float32 legacy xyxy in resized pixels, "labels": (G,
 so a resumed run sees exactly the images and augmentations an uninterrupted one would have seen.
     make_demo_dataset(root, seed=0)  # the built-in demo: generated shapes in COCO layout, written once
 """
+import collections
 import colorsys
 import contextlib
 import functools
@@ -32,16 +33,38 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw
 
 
+class UnreadableImage(OSError):
+    """An image file that is missing, empty or cannot be decoded; the message names the file."""
+
+
+_WARNED = set()
+
+
+def _warn_once(key, message):
+    """One warning per key per process (each loader worker is a process)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        print(f"data: warning: {message}", flush=True)
+
+
 def load_image(path):
     """PIL RGB image on the file's raw pixel grid. EXIF orientation is deliberately NOT applied: upstream
-    doesn't, and a COCO json's width, height and boxes describe the stored pixel grid."""
-    with Image.open(path) as img:
-        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            # 16-bit / 32-bit grayscale: convert("RGB") would clip every value above 255 to white; rescale.
-            arr = np.asarray(img).astype(np.float64)
-            peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-            return Image.fromarray(np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8), "L").convert("RGB")
-        return img.convert("RGB")  # grayscale, palette, CMYK, RGBA (alpha dropped, as upstream) -> RGB
+    doesn't, and a COCO json's width, height and boxes describe the stored pixel grid. Any failure (missing,
+    0 bytes, not an image, truncated) raises UnreadableImage naming the file. PIL.ImageFile.LOAD_TRUNCATED_IMAGES
+    is left False (PIL's default) on purpose: a truncated file is an error, never an image padded with grey."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise ValueError("the file is empty (0 bytes)")
+        with Image.open(path) as img:
+            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+                # 16-bit / 32-bit grayscale: convert("RGB") would clip every value above 255 to white; rescale.
+                arr = np.asarray(img).astype(np.float64)
+                peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+                arr = np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
+                return Image.fromarray(arr, "L").convert("RGB")
+            return img.convert("RGB")  # grayscale, palette, CMYK, RGBA (alpha dropped, as upstream) -> RGB
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, struct.error...
+        raise UnreadableImage(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
 def resize_size(w, h, min_size, max_size):
@@ -101,10 +124,26 @@ def legacy_boxes(xywh, width, height):
     return out, keep
 
 
+def _check_annotation(a, ann_file, img_id, cat_id_to_label, train):
+    """Refuse what no rule can repair, naming the annotation id, the image id and the field."""
+    where = f"{ann_file}: annotation {a.get('id')!r} of image {img_id}"
+    bbox = a.get("bbox")
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+        raise ValueError(f"{where}: 'bbox' must be 4 numbers [x, y, w, h], got {bbox!r}")
+    if a.get("category_id") not in cat_id_to_label:
+        raise ValueError(f"{where} has category_id {a.get('category_id')!r}, which is not in 'categories'")
+    if not train and "area" not in a:  # COCOeval reads it for its small/medium/large ranges (KeyError there)
+        raise ValueError(f"{where} has no 'area', which COCOeval needs: add it (w * h of the box will do)")
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """A COCO-format split, root/annotations/instances_{split}.json with images in root/{split}/. Classes come
-    from the json's categories: label = 1 + position in getCatIds(), 0 is background. Training drops crowd
-    boxes, boxes without positive area and the images left with none; evaluation keeps every image.
+    from the json's categories: label = 1 + position in getCatIds(), 0 is background. Boxes are clipped to the
+    image; training drops crowd boxes, boxes without positive area (degenerate, outside, NaN/inf) and the images
+    left with none, and replaces an unreadable image by the next one that loads (target["skipped"] lists the
+    files passed over). Evaluation keeps every image and refuses, before any work, missing or empty files,
+    duplicate annotation ids and annotations without 'area'. self.notes: what was dropped, printed by the loaders.
     Item: dataset[i] (test transform) or dataset[(i, rng_key)] (training augmentation drawn from rng_key)
     -> (image (3, H, W) float32, target dict, i)."""
 
@@ -114,30 +153,63 @@ class CocoDetection(torch.utils.data.Dataset):
             raise FileNotFoundError(f"no annotation file {ann}: the data root {root!r} must hold COCO's layout, "
                                     f"annotations/instances_{split}.json and {split}/ (set data_root=...)")
         from pycocotools.coco import COCO
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
-            self.coco = COCO(ann)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+                self.coco = COCO(ann)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field pycocotools' index needs
+            raise ValueError(f"{ann}: pycocotools cannot index it ({type(e).__name__}: {e}): every image needs "
+                             f"'id', every annotation 'id' and 'image_id'") from e
         self.root, self.split, self.cfg, self.train = root, split, cfg, train
         self.cat_ids = self.coco.getCatIds()
         self.names = ["__background__"] + [self.coco.cats[c]["name"] for c in self.cat_ids]
         self.cat_id_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.label_to_cat_id = {i + 1: c for i, c in enumerate(self.cat_ids)}
-        self.ids, self.boxes, self.labels = [], [], []
+        all_anns = self.coco.dataset.get("annotations") or []
+        uses = collections.Counter(a.get("id") for a in all_anns)
+        dup = next((i for i, n in uses.items() if n > 1), None)
+        if dup is not None and not train:  # pycocotools' anns dict keeps the last: COCOeval would lose boxes
+            imgs = sorted({a.get("image_id") for a in all_anns if a.get("id") == dup})
+            raise ValueError(f"{ann}: annotation id {dup!r} is used {uses[dup]} times (images {imgs}); "
+                             f"evaluation needs unique annotation ids")
+        count = collections.Counter()
+        self.ids, self.boxes, self.labels, self.sizes, self.files = [], [], [], [], []
         for img_id in sorted(self.coco.imgs):  # upstream sorts by image id
             info = self.coco.imgs[img_id]
-            anns = [a for a in self.coco.imgToAnns.get(img_id, []) if not a.get("iscrowd", 0)]
-            for a in anns:
-                if a.get("category_id") not in self.cat_id_to_label:
-                    raise ValueError(f"{ann}: annotation {a.get('id')} of image {img_id} has category_id "
-                                     f"{a.get('category_id')!r}, which is not in 'categories'")
+            for field in ("width", "height"):
+                v = info.get(field)
+                if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+                    raise ValueError(f"{ann}: image {img_id} has {field} {v!r}; a positive integer is needed")
+            if not info.get("file_name"):
+                raise ValueError(f"{ann}: image {img_id} has no 'file_name'")
+            img_anns = self.coco.imgToAnns.get(img_id, [])
+            for a in img_anns:
+                _check_annotation(a, ann, img_id, self.cat_id_to_label, train)
+            count["without 'iscrowd' (taken as 0)"] += sum("iscrowd" not in a for a in img_anns)
+            count["without 'area' (not used in training)"] += sum("area" not in a for a in img_anns)
+            anns = [a for a in img_anns if not a.get("iscrowd", 0)]
             boxes, keep = legacy_boxes([a["bbox"] for a in anns], info["width"], info["height"])
             labels = np.array([self.cat_id_to_label[a["category_id"]] for a in anns], dtype=np.int64)
+            count["boxes dropped without positive area inside the image (degenerate, outside, NaN/inf)"] += \
+                int((~keep).sum())
             if train and not keep.any():
+                count["images dropped without a usable non-crowd box"] += 1
                 continue  # upstream keeps images whose boxes are all crowd or degenerate, then crashes on them
             self.ids.append(img_id)
             self.boxes.append(boxes[keep])
             self.labels.append(labels[keep])
-        self.sizes = [(self.coco.imgs[i]["width"], self.coco.imgs[i]["height"]) for i in self.ids]  # (w, h)
-        self.files = [self.coco.imgs[i]["file_name"] for i in self.ids]
+            self.sizes.append((info["width"], info["height"]))  # (w, h)
+            self.files.append(info["file_name"])
+        if dup is not None:
+            count["annotation ids used more than once (all kept)"] = sum(n > 1 for n in uses.values())
+        self.notes = [f"data: {split}: {n} {what}" for what, n in count.items() if n]
+        if train and not self.ids:
+            raise ValueError(f"{ann}: no image has a usable box ({len(all_anns)} annotations): nothing to train on")
+        if not train:  # skipping an image would change the metric: refuse now, before any work
+            bad = [p for p in map(self.path, range(len(self))) if not os.path.isfile(p) or os.path.getsize(p) == 0]
+            if bad:
+                raise FileNotFoundError(f"evaluation needs every image of {split}; {len(bad)} missing or empty: "
+                                        + ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+        self.bad = set()  # training: indices found unreadable in this process
         if train:  # COCO train's index is GBs of Python objects that every worker would slowly copy: drop it
             self.coco = None
         self.aspect_group = np.array([int(h >= w) for w, h in self.sizes], dtype=np.int64)  # upstream: h/w < 1 -> 0
@@ -149,15 +221,42 @@ class CocoDetection(torch.utils.data.Dataset):
         return os.path.join(self.root, self.split, self.files[index])
 
     def __getitem__(self, key):
-        index, rng = (int(key), None) if isinstance(key, (int, np.integer)) else (key[0], random.Random(key[1]))
-        img = load_image(self.path(index))
+        index, key = (int(key), None) if isinstance(key, (int, np.integer)) else key
+        if not self.train:
+            return self._load(index, None)
+        skipped = []  # training: a bad image is replaced by the next index that loads, so the batch stays full
+        for k in range(len(self)):
+            i = (index + k) % len(self)
+            item = None if i in self.bad else self._load(i, None if key is None else random.Random(key))
+            if item is not None:
+                item[1]["skipped"] = skipped
+                return item
+            self.bad.add(i)
+            skipped.append(self.path(i))
+        raise UnreadableImage(f"none of the {len(self)} training images under {self.root}/{self.split} loads")
+
+    def _load(self, index, rng):
+        """The item, or None in training when the file is unreadable or keeps no box (warned once per file)."""
+        path = self.path(index)
+        try:
+            img = load_image(path)
+        except UnreadableImage as e:
+            if not self.train:
+                raise
+            _warn_once(path, f"{e}; skipped in training, replaced by the next image that loads")
+            return None
         w, h = img.size
         boxes = self.boxes[index].copy()
         labels = self.labels[index]
         if (w, h) != self.sizes[index]:  # the file disagrees with the json: clip to the file, as upstream
+            _warn_once(("size", path), f"{path} is {w}x{h}, its json entry says {self.sizes[index][0]}x"
+                                       f"{self.sizes[index][1]}: boxes clipped to the file")
             boxes = np.minimum(boxes, np.array([w - 1, h - 1, w - 1, h - 1], np.float32))
             ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             boxes, labels = boxes[ok], labels[ok]
+            if self.train and not ok.any():
+                _warn_once(path, f"{path} keeps no box inside its {w}x{h} pixels; skipped in training")
+                return None
         img, boxes, keep = transform(img, boxes, self.cfg, rng)
         target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels[keep]),
                   "image_id": self.ids[index], "orig_size": (h, w)}
@@ -271,6 +370,8 @@ class TrainBatchSampler(torch.utils.data.Sampler):
 def make_train_loader(cfg, rank=0, world_size=1, start_iter=0, sampler_state=None):
     """Endless training loader for this rank; loader.state(it) is the sampler position to checkpoint."""
     dataset = CocoDetection(cfg.data_root, cfg.train_split, cfg, train=True)
+    for note in dataset.notes if rank == 0 else ():
+        print(note)
     groups = dataset.aspect_group if cfg.aspect_grouping else np.zeros(len(dataset), dtype=np.int64)
     seed = cfg.seed
     if sampler_state:
@@ -290,6 +391,8 @@ def make_test_loader(cfg, split=None, rank=0, world_size=1):
     """Every image of the split once; rank r takes the r-th contiguous block of indices (upstream's shards),
     test_ims_per_batch // world_size images per forward, grouped by aspect when aspect_grouping."""
     dataset = CocoDetection(cfg.data_root, split or cfg.val_split, cfg, train=False)
+    for note in dataset.notes if rank == 0 else ():
+        print(note)
     per = math.ceil(len(dataset) / world_size)
     indices = list(range(rank * per, min(len(dataset), (rank + 1) * per)))
     groups = dataset.aspect_group if cfg.aspect_grouping else np.zeros(len(dataset), dtype=np.int64)
