@@ -13,7 +13,8 @@ Loaders (both yield (images (N,3,Hp,Wp), image_sizes [(h, w)], targets [dict], d
     loader = make_test_loader(cfg, split=None, rank=0, world_size=1)  # every image once, contiguous shards
     loader.dataset              # CocoDetection: .coco (test only), .ids, .cat_ids, .names, .label_to_cat_id
 A target is {"boxes": (G,4) float32 legacy xyxy in resized pixels, "labels": (G,) int64 in 1..K,
-"image_id": json id, "orig_size": (h, w) of the file}. Resuming replays the batch stream from (seed, epoch),
+"image_id": json id, "orig_size": (h, w) of the file}; training adds "skipped": the unreadable files passed over
+to fill this slot (count them in the log). Resuming replays the batch stream from (seed, epoch),
 so a resumed run sees exactly the images and augmentations an uninterrupted one would have seen.
     make_demo_dataset(root, seed=0)  # the built-in demo: generated shapes in COCO layout, written once
 """
