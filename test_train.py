@@ -82,9 +82,16 @@ def test_resume_gives_the_same_weights(demo_root, tmp_path):
     assert "AP50" in log[-1]["eval"]
 
 
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
 def test_torchrun_two_processes(demo_root, tmp_path):
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(HERE, "train.py"), "--config", "demo", f"data_root={demo_root}", f"output_dir={out}",
            *TINY, "max_iter=2", "checkpoint_period=2"]
     proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600)
