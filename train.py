@@ -154,10 +154,12 @@ def main(argv=None):
     model.train()
     end = time.time()
     data_time = iter_time = 0.0
+    skipped = 0  # unreadable images passed over by this rank's loader (data.py warns once per file)
     for it, (images, image_sizes, targets, _) in zip(range(start_iter, cfg.max_iter), batches):
         images = images.to(device, non_blocking=True)
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items() if k in ("boxes", "labels")}
                    for t in targets]
+        skipped += sum(len(t.get("skipped", ())) for t in targets)
         data_time += time.time() - end
         lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
@@ -184,12 +186,13 @@ def main(argv=None):
             values = reduce_losses(losses, world_size)
             n = cfg.log_period if done % cfg.log_period == 0 else done % cfg.log_period or cfg.log_period
             record = {"iter": done, "lr": lr, **values, "loss": sum(values.values()), "time": iter_time / n,
-                      "data_time": data_time / n, "memory_mb": peak_memory_mb(device)}
+                      "data_time": data_time / n, "memory_mb": peak_memory_mb(device), "skipped_images": skipped}
             eta = datetime.timedelta(seconds=int(record["time"] * (cfg.max_iter - done)))
             if rank == 0:
                 print(f"iter {done}/{cfg.max_iter}  lr {lr:.5f}  " + "  ".join(f"{k} {v:.4f}" for k, v in values.items())
                       + f"  loss {record['loss']:.4f}  time {record['time']:.3f}s  data {record['data_time']:.3f}s"
-                      f"  mem {record['memory_mb']:.0f}MB  eta {eta}", flush=True)
+                      f"  mem {record['memory_mb']:.0f}MB  eta {eta}" + (f"  skipped {skipped}" if skipped else ""),
+                      flush=True)
             log(record)
             data_time = iter_time = 0.0
         if done % cfg.checkpoint_period == 0 or done == cfg.max_iter:
