@@ -35,30 +35,29 @@ def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-def wait_for(path, proc, timeout=300):
+def wait_for(path, proc, timeout=300, poll=0.2):
     start = time.time()
     while not os.path.exists(path):
         assert proc.poll() is None, f"training ended before {path} appeared"
         assert time.time() - start < timeout, f"{path} did not appear in {timeout} s"
-        time.sleep(0.2)
+        time.sleep(poll)
 
 
 def test_kill_9_then_resume_matches_uninterrupted(demo_root, tmp_path):
-    common = ["max_iter=6", "checkpoint_period=2", "keep_checkpoints=2"]
+    common = ["max_iter=12", "checkpoint_period=2", "keep_checkpoints=2"]
     ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
     train.main(["--config", "demo", f"data_root={demo_root}", f"output_dir={ref}", *TINY, *common])
     proc = subprocess.Popen(train_cmd(demo_root, out, *common), cwd=HERE, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    wait_for(os.path.join(out, "model_0000002.pth"), proc)
-    time.sleep(0.3)  # somewhere in iterations 3-4, maybe mid-write of the next checkpoint
-    proc.send_signal(signal.SIGKILL)
+    wait_for(os.path.join(out, "model_0000002.pth"), proc, poll=0.02)
+    proc.send_signal(signal.SIGKILL)  # somewhere after iteration 2, maybe mid-write of the next checkpoint
     proc.wait()
-    assert not os.path.exists(os.path.join(out, "model_0000006.pth"))
+    assert not os.path.exists(os.path.join(out, "model_0000012.pth")), "the run finished before the kill"
     resumed = subprocess.run(train_cmd(demo_root, out, *common, "--resume"), cwd=HERE, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
-    a, b = weights(os.path.join(ref, "model_0000006.pth")), weights(os.path.join(out, "model_0000006.pth"))
+    a, b = weights(os.path.join(ref, "model_0000012.pth")), weights(os.path.join(out, "model_0000012.pth"))
     assert all(torch.equal(v, b[k]) for k, v in a.items())
     assert len(checkpoint.training_checkpoints(out)) == 2  # keep_checkpoints
 
@@ -75,8 +74,8 @@ def test_damaged_newest_checkpoint_is_skipped(demo_root, tmp_path, capsys):
     assert "skipping" in capsys.readouterr().out and "model_0000002.pth" in capsys.readouterr().out + path + newest
 
 
-@pytest.mark.xfail(reason="not solved yet: after a SIGKILL the restarted gloo group often fails connectFullMesh "
-                   "(connection refused) on this machine; one manual run of the same command resumed and finished",
+@pytest.mark.xfail(reason="not solved yet: under this harness the restarted round's gloo group hangs or fails to "
+                   "connect (connection refused); a manual run of the same command from a shell resumed and finished",
                    strict=False)
 def test_worker_death_under_max_restarts_resumes(demo_root, tmp_path):
     out = str(tmp_path)
@@ -88,10 +87,11 @@ def test_worker_death_under_max_restarts_resumes(demo_root, tmp_path):
                             start_new_session=True)
     try:
         wait_for(os.path.join(out, "model_0000002.pth"), proc, timeout=400)
-        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "train.py"], capture_output=True,
+                                 text=True).stdout.split()  # not torchrun's other helper processes
         assert workers, "no worker processes found under torchrun"
         os.kill(int(workers[-1]), signal.SIGKILL)
-        output, _ = proc.communicate(timeout=600)
+        output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:  # never leave a hung group behind
             os.killpg(proc.pid, signal.SIGKILL)
