@@ -85,7 +85,14 @@ def main(argv=None):
         raise config.ConfigError(f"ims_per_batch={cfg.ims_per_batch} is not divisible by {world_size} processes: "
                                  f"set ims_per_batch to a multiple of {world_size}")
     if world_size > 1:
-        dist.init_process_group(BACKENDS[device.type], timeout=datetime.timedelta(minutes=30))
+        # Keys of each torchrun restart under their own prefix: a restarted group must not read the addresses
+        # the previous (dead) round published in the same store.
+        timeout = datetime.timedelta(minutes=30)
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
+                              timeout=timeout)
+        store = dist.PrefixStore(f"frcnn_restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(BACKENDS[device.type], store=store, rank=rank, world_size=world_size, timeout=timeout)
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.output_dir, exist_ok=True)
     log_path = os.path.join(cfg.output_dir, "log.jsonl")
