@@ -13,6 +13,7 @@ from PIL import Image
 
 import config
 import data
+import demo
 
 COCO_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "datasets", "coco_tiny")
 
@@ -20,7 +21,7 @@ COCO_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shar
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("demo"))
-    data.make_demo_dataset(root, seed=3, num_train=24, num_val=8)
+    demo.make_demo_dataset(root, seed=3, num_train=24, num_val=8)
     return root
 
 
@@ -257,20 +258,20 @@ def test_demo_dataset_is_coco_and_deterministic(demo_root, tmp_path):
         ev = COCOeval(gt, gt.loadRes(dets), "bbox")
         ev.evaluate(), ev.accumulate(), ev.summarize()
     assert ev.stats[0] == pytest.approx(1.0) and ev.stats[1] == pytest.approx(1.0)
-    assert [c["name"] for c in gt.dataset["categories"]] == list(data.DEMO_CLASSES)
+    assert [c["name"] for c in gt.dataset["categories"]] == list(demo.DEMO_CLASSES)
     for a in gt.dataset["annotations"]:
         img = gt.imgs[a["image_id"]]
         x, y, w, h = a["bbox"]
         assert 16 <= w and 16 <= h and x >= 0 and y >= 0 and x + w <= img["width"] and y + h <= img["height"]
     assert all(1 <= len(gt.imgToAnns[i]) <= 5 for i in gt.getImgIds())
     # the same seed writes the same files; a second call leaves a complete split alone
-    data.make_demo_dataset(str(tmp_path), seed=3, num_train=24, num_val=8)
+    demo.make_demo_dataset(str(tmp_path), seed=3, num_train=24, num_val=8)
     a_jpg = sorted(os.listdir(os.path.join(demo_root, "train2017")))[5]
     for rel in ["annotations/instances_val2017.json", "train2017/" + a_jpg]:
         with open(os.path.join(demo_root, rel), "rb") as f1, open(os.path.join(tmp_path, rel), "rb") as f2:
             assert f1.read() == f2.read(), rel
     mtime = os.path.getmtime(ann)
-    data.make_demo_dataset(demo_root, seed=3, num_train=24, num_val=8)
+    demo.make_demo_dataset(demo_root, seed=3, num_train=24, num_val=8)
     assert os.path.getmtime(ann) == mtime
 
 

@@ -11,6 +11,7 @@ import torch
 
 import config
 import data
+import demo
 import evaluate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -20,7 +21,7 @@ COCO_TINY = os.path.join(HERE, "..", "shared", "datasets", "coco_tiny")
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("demo_eval"))
-    data.make_demo_dataset(root, num_train=2, num_val=12)
+    demo.make_demo_dataset(root, num_train=2, num_val=12)
     return root
 
 

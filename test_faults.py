@@ -1,6 +1,5 @@
 """Faults: kill -9 and resume, a worker death under torchrun --max-restarts, damaged checkpoints, non-finite
 losses and weights, and bad user input that must end in a one-paragraph error (exit 2, no traceback)."""
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import checkpoint
-import data
+import demo
 import train
 from test_train import TINY, free_port
 
@@ -21,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("demo_faults"))
-    data.make_demo_dataset(root, num_train=12, num_val=2)
+    demo.make_demo_dataset(root, num_train=12, num_val=2)
     return root
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import config
-import data
+import demo
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,7 +25,7 @@ TINY = ["min_size_train=(96,)", "max_size_train=128", "min_size_test=96", "max_s
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("demo"))
-    data.make_demo_dataset(root, num_train=12, num_val=4)
+    demo.make_demo_dataset(root, num_train=12, num_val=4)
     return root
 
 

@@ -14,7 +14,6 @@ One pass: config, distributed setup, seed, data, model, optimizer, resume, loop,
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -26,6 +25,7 @@ import torch.distributed as dist
 import checkpoint
 import config
 import data
+import demo
 import evaluate
 import model as model_lib
 
@@ -105,7 +105,7 @@ def main(argv=None):
     # ---- data (the demo writes its data set once, on rank 0)
     if cfg.data_root == config.PRESETS["demo"].data_root and rank == 0 and not os.path.isfile(
             os.path.join(cfg.data_root, "annotations", f"instances_{cfg.val_split}.json")):  # written last
-        data.make_demo_dataset(cfg.data_root)
+        demo.make_demo_dataset(cfg.data_root)
     if world_size > 1:
         dist.barrier()
     # ---- model, optimizer, resume
