@@ -21,7 +21,7 @@ import config
 PREDICTOR_KEYS = ("roi_heads.box.predictor.cls_score.", "roi_heads.box.predictor.bbox_pred.")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(config.UserError, RuntimeError):
     """A weights file that cannot be used as asked: the message names the file and the offending keys."""
 
 

@@ -13,8 +13,22 @@ import difflib
 from dataclasses import dataclass
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An expected mistake (bad config, checkpoint, data path): scripts print its message, not a traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """Bad user input in the configuration: the message says what to change."""
+
+
+def run_cli(main):
+    """Run a script's main; an expected mistake ends in one paragraph on stderr and exit code 2."""
+    import sys
+    try:
+        main()
+    except (UserError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 @dataclass

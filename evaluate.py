@@ -13,9 +13,9 @@ Preprocessing is upstream's test transform (data.py); one image per forward by d
 reproduces upstream exactly (batching changes the padding, spec pitfall 5).
 """
 import argparse
+import datetime
 import json
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -59,6 +59,19 @@ def resolve_device(name, local_rank=0):
                                  "use device cpu, or fewer processes per node")
     module.set_device(local_rank)
     return torch.device(name, local_rank)
+
+
+def init_distributed(device, rank, world_size):
+    """The process group from torchrun's environment, with the backend that matches the device."""
+    # Each torchrun restart keeps its keys under its own prefix: a restarted group must not read the addresses
+    # the previous (dead) round published in the same store.
+    timeout = datetime.timedelta(minutes=30)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
+                          timeout=timeout)
+    store = dist.PrefixStore(f"frcnn_restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    backend = {"cpu": "gloo", "cuda": "nccl", "mlu": "cncl"}[device.type]
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def load_model(ckpt_path, preset=None, overrides=(), device="cpu"):
@@ -280,7 +293,7 @@ def main(argv=None):
         raise config.ConfigError(f"--ims-per-batch {cfg.test_ims_per_batch} is not divisible by {world_size} "
                                  f"processes: use a multiple of {world_size}")
     if world_size > 1:
-        dist.init_process_group({"cpu": "gloo", "cuda": "nccl", "mlu": "cncl"}[device.type])
+        init_distributed(device, rank, world_size)
     metrics = evaluate_coco(net, cfg, device, rank, world_size, args.split, args.output_dir or cfg.output_dir)
     if world_size > 1:
         dist.destroy_process_group()
@@ -288,8 +301,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (config.ConfigError, checkpoint.CheckpointError, FileNotFoundError) as e:  # expected mistakes: no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    config.run_cli(main)

@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import platform
-import sys
 import time
 
 import torch
@@ -28,9 +27,6 @@ import data
 import demo
 import evaluate
 import model as model_lib
-
-BACKENDS = {"cpu": "gloo", "cuda": "nccl", "mlu": "cncl"}
-
 
 def get_lr(it, cfg):
     """Learning rate of weights at iteration it (0-based): upstream's WarmupMultiStepLR, linear warmup from
@@ -85,14 +81,7 @@ def main(argv=None):
         raise config.ConfigError(f"ims_per_batch={cfg.ims_per_batch} is not divisible by {world_size} processes: "
                                  f"set ims_per_batch to a multiple of {world_size}")
     if world_size > 1:
-        # Keys of each torchrun restart under their own prefix: a restarted group must not read the addresses
-        # the previous (dead) round published in the same store.
-        timeout = datetime.timedelta(minutes=30)
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                              is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
-                              timeout=timeout)
-        store = dist.PrefixStore(f"frcnn_restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group(BACKENDS[device.type], store=store, rank=rank, world_size=world_size, timeout=timeout)
+        evaluate.init_distributed(device, rank, world_size)
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.output_dir, exist_ok=True)
     log_path = os.path.join(cfg.output_dir, "log.jsonl")
@@ -111,9 +100,9 @@ def main(argv=None):
     # ---- model, optimizer, resume
     model = model_lib.build_model(cfg).to(device)
     optimizer = make_optimizer(model, cfg)
-    autocast = dict(fp16=torch.float16, bf16=torch.bfloat16).get(cfg.amp)
     if cfg.amp not in ("", "bf16", "fp16"):
         raise config.ConfigError(f"amp={cfg.amp!r}: use amp= (FP32), amp=bf16 or amp=fp16")
+    autocast = dict(fp16=torch.float16, bf16=torch.bfloat16).get(cfg.amp)
     scaler = None
     if cfg.amp == "fp16":  # torch.amp.GradScaler(device) is torch 2.3+; cuda's own before that
         scaler = torch.amp.GradScaler(device.type) if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler()
@@ -220,8 +209,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (config.ConfigError, checkpoint.CheckpointError, FileNotFoundError, FloatingPointError) as e:  # expected mistakes: no traceback wall
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    config.run_cli(main)
