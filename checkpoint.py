@@ -1,5 +1,5 @@
-"""Weights in and out: upstream maskrcnn-benchmark checkpoints (.pth), Detectron's ImageNet pickles (R-50.pkl,
-R-101.pkl) and our own checkpoints (../shared/spec/maskrcnn_benchmark.md section 4).
+"""Weights in and out: upstream maskrcnn-benchmark checkpoints (.pth, maskrcnn_benchmark/utils/checkpoint.py),
+Detectron's ImageNet pickles (R-50.pkl, R-101.pkl; utils/c2_model_loading.py) and our own checkpoints.
 
     load_weights(model, "e2e_faster_rcnn_R_101_FPN_1x.pth")   # upstream or ours; refuses a partial load
     load_weights(model, "ours.pth", skip_predictor=True)       # fine-tune with another class count
@@ -38,7 +38,8 @@ def load(path):
 
 def model_state(ckpt):
     """The state dict inside an upstream or own checkpoint ({"model": ...}) or a bare state dict, with
-    DistributedDataParallel's "module." prefix removed when every key carries it (as upstream, spec 4.2)."""
+    DistributedDataParallel's "module." prefix removed when every key carries it (as upstream's
+    utils/model_serialization.py, strip_prefix_if_present)."""
     sd = ckpt["model"] if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) else ckpt
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError("no state dict found: expected {'model': {name: tensor}} or {name: tensor}")
@@ -53,6 +54,13 @@ def _names(keys, limit=8):
     return ", ".join(keys[:limit]) + more
 
 
+def _describe(model):
+    """(blocks per ResNet stage, class count) of a model.FasterRCNN, for messages."""
+    body = model.backbone.body
+    blocks = tuple(len(getattr(body, f"layer{i}")) for i in range(1, 5))
+    return blocks, model.roi_heads.box.predictor.cls_score.out_features
+
+
 def load_state(model, sd, source, skip_predictor=False):
     """Load sd into model by exact name. Missing, unexpected and shape-mismatched keys are reported by name and
     refused, so the model never runs half-loaded. skip_predictor leaves cls_score and bbox_pred at their
@@ -62,13 +70,14 @@ def load_state(model, sd, source, skip_predictor=False):
         skipped = sorted(k for k in own if k.startswith(PREDICTOR_KEYS))
         sd = {k: v for k, v in sd.items() if not k.startswith(PREDICTOR_KEYS)}
         print(f"checkpoint: not loading the class-dependent predictor layers ({', '.join(skipped)}); "
-              f"they keep their initialisation for {model.cfg.num_classes} classes")
+              f"they keep their initialisation for {_describe(model)[1]} classes")
     missing = [k for k in own if k not in sd and not (skip_predictor and k.startswith(PREDICTOR_KEYS))]
     unexpected = [k for k in sd if k not in own]
     mismatched = [f"{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})"
                   for k, v in sd.items() if k in own and v.shape != own[k].shape]
     if missing or unexpected or mismatched:
-        lines = [f"{source} does not fit this model ({model.cfg.stage_blocks} blocks, {model.cfg.num_classes} classes):"]
+        blocks, classes = _describe(model)
+        lines = [f"{source} does not fit this model ({blocks} blocks, {classes} classes):"]
         if missing:
             lines.append(f"  missing {len(missing)}: {_names(missing)}")
         if unexpected:
@@ -139,7 +148,7 @@ def latest_training(out_dir):
     return None, None
 
 
-# ---- Detectron / Caffe2 ImageNet pickles (spec 4.4)
+# ---- Detectron / Caffe2 ImageNet pickles (maskrcnn_benchmark/utils/c2_model_loading.py)
 
 def _numpy_global(module, name):
     # numpy 2 moved numpy.core to numpy._core; pickles from either era name either
@@ -179,7 +188,8 @@ def read_pickle(path):
 
 
 def rename_caffe2(name):
-    """Upstream's Caffe2 -> PyTorch name rules, in upstream's order (spec 4.4; mask/keypoint/GN rules left out)."""
+    """Upstream's Caffe2 -> PyTorch name rules, in upstream's order (c2_model_loading.py,
+    _rename_basic_resnet_weights and _rename_fpn_weights; mask/keypoint/GN rules left out)."""
     s = {"pred_w": "fc1000_w", "pred_b": "fc1000_b"}.get(name, name)  # whole names only (X-101's classifier)
     s = s.replace("_", ".").replace(".w", ".weight").replace(".bn", "_bn").replace(".b", ".bias")
     s = s.replace("_bn.s", "_bn.scale").replace(".biasranch", ".branch")  # repairs the ".b" rule

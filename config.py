@@ -1,34 +1,30 @@
 """Configuration: one dataclass whose defaults are maskrcnn-benchmark's e2e_faster_rcnn_R_101_FPN_1x as it
-ran (its code defaults merged with its YAML, ../shared/spec/maskrcnn_benchmark.md section 1), plus presets.
+ran (maskrcnn_benchmark/config/defaults.py merged with configs/e2e_faster_rcnn_R_101_FPN_1x.yaml), presets,
+and the command-line grammar every script shares.
 
     cfg = config.get("R-50-FPN", ["max_iter=1000", "--base_lr", "0.01"])
 
 Every field's trailing comment gives its unit and whether it counts per image, per level or per batch
-(upstream's FPN_POST_NMS_TOP_N_TRAIN trap came from that ambiguity). Overrides are type-checked against the
-default's type, printed, and an unknown key is refused with the closest valid names.
+(upstream's FPN_POST_NMS_TOP_N_TRAIN trap came from that ambiguity); `--help` lists them. Overrides are
+type-checked against the default's type and choice fields against their choices, printed, and an unknown key
+is refused with the closest valid names.
 """
+import argparse
 import ast
 import dataclasses
 import difflib
+import inspect
+import re
 from dataclasses import dataclass
 
 
 class UserError(Exception):
-    """An expected mistake (bad config, checkpoint, data path): scripts print its message, not a traceback."""
+    """A mistake the user can fix (config, data, checkpoint, device): the scripts print its message with exit
+    code 2 and no traceback (launch.run_cli). Subclasses say where it came from."""
 
 
 class ConfigError(UserError, ValueError):
     """Bad user input in the configuration: the message says what to change."""
-
-
-def run_cli(main):
-    """Run a script's main; an expected mistake ends in one paragraph on stderr and exit code 2."""
-    import sys
-    try:
-        main()
-    except (UserError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 @dataclass
@@ -85,24 +81,26 @@ class Config:
     flip_prob: float = 0.5  # horizontal-flip probability per training image
     crop_size: int = 0  # random crop side in pixels before resizing, training (0: off; MLU recipe 300)
     fixed_size: int = 0  # resize to fixed_size x fixed_size instead of the short/long rule (0: off)
-    brightness: float = 0.0  # colour-jitter strengths, training (upstream: all 0, a no-op)
-    contrast: float = 0.0
-    saturation: float = 0.0
-    hue: float = 0.0
+    brightness: float = 0.0  # colour-jitter strength, training: factor drawn in [1 - b, 1 + b] (upstream: 0, off)
+    contrast: float = 0.0  # the same for contrast
+    saturation: float = 0.0  # the same for saturation
+    hue: float = 0.0  # hue shift drawn in [-hue, hue], a fraction of the colour circle (at most 0.5)
 
     # ---- data
     data_root: str = "datasets/coco"  # COCO layout: annotations/instances_{split}.json and {split}/
-    train_split: str = "train2017"
-    val_split: str = "val2017"
+    demo_data: str = ""  # a folder where demo.py writes its generated shapes when they are absent, used when
+    #   data_root is that folder (the demo preset: its own data_root)
+    train_split: str = "train2017"  # training split: annotations/instances_{split}.json and {split}/
+    val_split: str = "val2017"  # split evaluated during and after training, and by evaluate.py
     num_workers: int = 4  # data-loader worker processes per device
     aspect_grouping: bool = True  # batches of one aspect group only (h/w < 1 and h/w >= 1), as upstream
 
     # ---- solver (train.py)
     ims_per_batch: int = 16  # images per iteration over all devices (global batch)
     base_lr: float = 0.02  # learning rate at 16 images per iteration; scaled linearly with ims_per_batch
-    momentum: float = 0.9
-    weight_decay: float = 1e-4  # on weights; biases get weight_decay_bias
-    weight_decay_bias: float = 0.0
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # L2 weight decay of weights; biases get weight_decay_bias
+    weight_decay_bias: float = 0.0  # weight decay on biases (upstream: none)
     bias_lr_factor: float = 2.0  # biases train at base_lr x this
     gamma: float = 0.1  # lr factor at each step
     max_iter: int = 90000  # iterations (each of ims_per_batch images)
@@ -122,7 +120,12 @@ class Config:
 
     # ---- test
     test_ims_per_batch: int = 8  # images per forward at test, over all devices (upstream: 8 on 8 GPUs)
-    device: str = "cuda"  # cpu, cuda or mlu
+    vis_images: int = 0  # evaluation draws the detections on this many first images into output_dir/vis
+    vis_score: float = 0.5  # drawings show detections scoring at least this
+    device: str = "cuda"  # cpu, cuda or mlu (each process takes card LOCAL_RANK)
+
+
+CHOICES = {"norm": ("frozen_bn", "gn"), "amp": ("", "bf16", "fp16"), "device": ("cpu", "cuda", "mlu")}
 
 
 PRESETS = {
@@ -136,11 +139,11 @@ PRESETS = {
         rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150, fpn_post_nms_top_n_train=300,
         fpn_post_nms_per_batch=False, fpn_post_nms_top_n_test=150, rpn_batch_per_image=128,
         roi_batch_per_image=128, min_size_train=(224, 256, 288), max_size_train=400, min_size_test=256,
-        max_size_test=400, data_root="datasets/demo", num_workers=0, ims_per_batch=4,
+        max_size_test=400, data_root="datasets/demo", demo_data="datasets/demo", num_workers=0, ims_per_batch=4,
         # lr 0.08 x 4/16 = 0.02: a from-scratch GN net takes 4x upstream's per-image lr; AP50 ~0.96 at 700 iterations
         base_lr=0.08, max_iter=700, schedule_ref=700, steps=(500, 630), warmup_iters=50, checkpoint_period=200,
         log_period=50,
-        test_ims_per_batch=4, device="cpu", output_dir="output/demo",
+        test_ims_per_batch=4, vis_images=8, device="cpu", output_dir="output/demo",
     ),
 }
 
@@ -207,7 +210,41 @@ def get(preset="R-101-FPN", overrides=(), verbose=True):
     if verbose:
         for key, value in changes.items():
             print(f"config: {key} = {value!r} (preset: {getattr(cfg, key)!r})")
-    return dataclasses.replace(cfg, **changes)
+    cfg = dataclasses.replace(cfg, **changes)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    """Refuse a value outside a choice field's choices, naming the field and the valid values."""
+    for name, choices in CHOICES.items():
+        value = getattr(cfg, name)
+        if (value.split(":")[0] if name == "device" else value) not in choices:
+            raise ConfigError(f"config field {name!r} is {value!r}; choose one of "
+                              + ", ".join(repr(c) for c in choices))
+
+
+def field_help():
+    """Every field with its default and its trailing comment (continuation comments joined), for --help."""
+    lines, src = [], inspect.getsource(Config)
+    for m in re.finditer(r"^    (\w+): \w+ = (.+?)(?:  # (.*))?$((?:\n    #   .*$)*)", src, re.M):
+        text = " ".join([m.group(3) or ""] + [ln.strip()[1:].strip() for ln in m.group(4).splitlines() if ln.strip()])
+        lines.append(f"  {m.group(1)} = {m.group(2)}\n      {text.strip()}")
+    return "config fields (key=value or --key value; defaults are the R-101-FPN preset):\n" + "\n".join(lines)
+
+
+def parser(doc):
+    """An argparse parser with --config and a --help that lists every config field; scripts add their own flags
+    and read the rest as overrides with parse()."""
+    p = argparse.ArgumentParser(description=doc, epilog=field_help(), allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help=f"preset: {', '.join(PRESETS)} (default R-101-FPN)")
+    return p
+
+
+def parse(p, argv=None):
+    """(script flags, config overrides): whatever p does not know is a key=value or --key value override."""
+    return p.parse_known_args(argv)
 
 
 def to_dict(cfg):

@@ -1,22 +1,17 @@
-"""Data: COCO-format datasets, upstream's transforms (maskrcnn-benchmark, ../shared/spec sections 3.1 and 5),
-batching, samplers, and the built-in demo data set.
-
-Test-time preprocessing, used by evaluate.py and by anyone feeding the model:
-    img = load_image(path)                                   # PIL RGB, raw pixel grid
-    w, h = resize_size(*img.size, cfg.min_size_test, cfg.max_size_test)
-    x = to_model_tensor(img.resize((w, h), Image.BILINEAR), cfg.pixel_mean)   # (3, h, w) BGR 0..255 - mean
-    batch, image_sizes = pad_batch([x], cfg.size_divisibility)                 # (1, 3, Hp, Wp), [(h, w)]
+"""Data: COCO-format datasets and image files, upstream's transforms (maskrcnn_benchmark/data/transforms/,
+data/datasets/coco.py), batching, samplers.
 
 Loaders (both yield (images (N,3,Hp,Wp), image_sizes [(h, w)], targets [dict], dataset indices [int])):
     loader = make_train_loader(cfg, rank, world_size, start_iter=0, sampler_state=None)  # endless; per-rank
     loader.state(it)            # the sampler position after `it` iterations: store it in the checkpoint
     loader = make_test_loader(cfg, split=None, rank=0, world_size=1)  # every image once, contiguous shards
-    loader.dataset              # CocoDetection: .coco (test only), .ids, .cat_ids, .names, .label_to_cat_id
-A target is {"boxes": (G,4) float32 legacy xyxy in resized pixels, "labels": (G,) int64 in 1..K,
-"image_id": json id, "orig_size": (h, w) of the file}; training adds "skipped": the unreadable files passed over
-to fill this slot (count them in the log). Resuming replays the batch stream from (seed, epoch),
-so a resumed run sees exactly the images and augmentations an uninterrupted one would have seen.
-    (the built-in demo data set is written by demo.make_demo_dataset)
+    loader = make_test_loader(cfg, dataset=ImageFiles(paths, cfg))   # the same test transform for any files
+    loader.dataset              # .sizes (w, h) of each original image, .path(i); CocoDetection also .ids,
+                                # .cat_ids, .names, .label_to_cat_id and .coco (test only)
+A target is {"boxes": (G,4) float32 legacy xyxy in resized pixels, "labels": (G,) int64 in 1..K} ({} for image
+files); training adds "skipped": the unreadable files passed over to fill this slot (count them in the log).
+Resuming replays the batch stream from (seed, epoch), so a resumed run sees exactly the images and augmentations
+an uninterrupted one would have seen. A split under cfg.demo_data is generated first (demo.py) if absent.
 """
 import collections
 import contextlib
@@ -30,6 +25,8 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+
+import demo
 
 
 class UnreadableImage(OSError):
@@ -60,7 +57,7 @@ def load_image(path):
                 arr = np.asarray(img).astype(np.float64)
                 peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
                 arr = np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
-                return Image.fromarray(arr, "L").convert("RGB")
+                return Image.fromarray(arr).convert("RGB")  # 2-D uint8 is mode "L" (Pillow 13 drops the mode arg)
             return img.convert("RGB")  # grayscale, palette, CMYK, RGBA (alpha dropped, as upstream) -> RGB
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, struct.error...
         raise UnreadableImage(f"cannot read image {path}: {type(e).__name__}: {e}") from e
@@ -148,6 +145,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, root, split, cfg, train):
         ann = os.path.join(root, "annotations", f"instances_{split}.json")
+        if cfg.demo_data and os.path.abspath(root) == os.path.abspath(cfg.demo_data) and not os.path.isfile(ann):
+            demo.make_demo_dataset(root)  # each split's json is written last: absent means not done
         if not os.path.isfile(ann):
             raise FileNotFoundError(f"no annotation file {ann}: the data root {root!r} must hold COCO's layout, "
                                     f"annotations/instances_{split}.json and {split}/ (set data_root=...)")
@@ -257,9 +256,34 @@ class CocoDetection(torch.utils.data.Dataset):
                 _warn_once(path, f"{path} keeps no box inside its {w}x{h} pixels; skipped in training")
                 return None
         img, boxes, keep = transform(img, boxes, self.cfg, rng)
-        target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels[keep]),
-                  "image_id": self.ids[index], "orig_size": (h, w)}
+        target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels[keep])}
         return to_model_tensor(img, self.cfg.pixel_mean), target, index
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files for inference, preprocessed exactly as a COCO split at test time: item i -> (image (3, H, W),
+    {}, i). .sizes holds each file's (w, h), read from its header here, so a file that is not an image is named
+    before any inference."""
+
+    def __init__(self, paths, cfg):
+        self.paths, self.cfg, self.sizes = list(paths), cfg, []
+        for path in self.paths:
+            try:
+                with Image.open(path) as img:
+                    self.sizes.append(img.size)
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ... for a file it cannot read
+                raise UnreadableImage(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+        self.aspect_group = np.array([int(h >= w) for w, h in self.sizes], dtype=np.int64)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def path(self, index):
+        return self.paths[index]
+
+    def __getitem__(self, index):
+        img, _, _ = transform(load_image(self.paths[index]), np.zeros((0, 4), np.float32), self.cfg, None)
+        return to_model_tensor(img, self.cfg.pixel_mean), {}, index
 
 
 def random_crop(img, boxes, size, rng, tries=10):
@@ -386,12 +410,14 @@ def make_train_loader(cfg, rank=0, world_size=1, start_iter=0, sampler_state=Non
     return loader
 
 
-def make_test_loader(cfg, split=None, rank=0, world_size=1):
-    """Every image of the split once; rank r takes the r-th contiguous block of indices (upstream's shards),
-    test_ims_per_batch // world_size images per forward, grouped by aspect when aspect_grouping."""
-    dataset = CocoDetection(cfg.data_root, split or cfg.val_split, cfg, train=False)
-    for note in dataset.notes if rank == 0 else ():
-        print(note)
+def make_test_loader(cfg, split=None, rank=0, world_size=1, dataset=None):
+    """Every image of the split (or of `dataset`, e.g. ImageFiles) once; rank r takes the r-th contiguous block of
+    indices (upstream's shards), test_ims_per_batch // world_size images per forward, grouped by aspect when
+    aspect_grouping."""
+    if dataset is None:
+        dataset = CocoDetection(cfg.data_root, split or cfg.val_split, cfg, train=False)
+        for note in dataset.notes if rank == 0 else ():
+            print(note)
     per = math.ceil(len(dataset) / world_size)
     indices = list(range(rank * per, min(len(dataset), (rank + 1) * per)))
     groups = dataset.aspect_group if cfg.aspect_grouping else np.zeros(len(dataset), dtype=np.int64)

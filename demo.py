@@ -2,8 +2,10 @@
 deterministic from a seed, so `python train.py --config demo` runs the whole job on a fresh machine.
 
     make_demo_dataset(root, seed=0)   # root/{train2017,val2017}/*.jpg + root/annotations/instances_*.json
+data.py calls it when data_root is the config's demo_data folder (the demo preset's) and a json is absent.
 """
 import colorsys
+import fcntl
 import json
 import os
 
@@ -75,27 +77,34 @@ def make_demo_dataset(root, seed=0, num_train=500, num_val=100, splits=("train20
     layout, everything a function of seed. A split whose json exists with the same recipe and all its images
     is left alone; the json is written last (temporary file, rename), so an interrupted run is redone."""
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    for k, (split, count) in enumerate(zip(splits, (num_train, num_val))):
-        recipe = f"demo shapes v3 seed={seed} split={k} count={count}"
-        ann_path = os.path.join(root, "annotations", f"instances_{split}.json")
-        if os.path.isfile(ann_path):
-            with open(ann_path) as f:
-                old = json.load(f)
-            if old.get("info", {}).get("description") == recipe and all(
-                    os.path.isfile(os.path.join(root, split, i["file_name"])) for i in old["images"]):
-                continue
-        os.makedirs(os.path.join(root, split), exist_ok=True)
-        rng = np.random.default_rng([seed, k])
-        images, anns = [], []
-        for i in range(count):
-            img_id = k * 1000000 + i + 1
-            img, info, a = _demo_image(rng, f"{img_id:012d}.jpg", img_id, len(anns) + 1 + k * 10000000)
-            img.save(os.path.join(root, split, info["file_name"]), quality=92)
-            images.append(info)
-            anns += a
-        out = {"info": {"description": recipe}, "licenses": [], "images": images, "annotations": anns,
-               "categories": [{"id": c + 1, "name": n, "supercategory": "shape"} for c, n in enumerate(DEMO_CLASSES)]}
-        with open(ann_path + ".tmp", "w") as f:
-            json.dump(out, f)
-        os.replace(ann_path + ".tmp", ann_path)
-        print(f"data: wrote the demo split {split}: {count} images, {len(anns)} boxes under {root}")
+    with open(os.path.join(root, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # torchrun's ranks all ask: one writes, the others wait, then find it done
+        for k, (split, count) in enumerate(zip(splits, (num_train, num_val))):
+            _write_split(root, split, k, count, seed)
+
+
+def _write_split(root, split, k, count, seed):
+    """One split, unless its json says it was written by the same recipe and all its images are there."""
+    recipe = f"demo shapes v3 seed={seed} split={k} count={count}"
+    ann_path = os.path.join(root, "annotations", f"instances_{split}.json")
+    if os.path.isfile(ann_path):
+        with open(ann_path) as f:
+            old = json.load(f)
+        if old.get("info", {}).get("description") == recipe and all(
+                os.path.isfile(os.path.join(root, split, i["file_name"])) for i in old["images"]):
+            return
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    rng = np.random.default_rng([seed, k])
+    images, anns = [], []
+    for i in range(count):
+        img_id = k * 1000000 + i + 1
+        img, info, a = _demo_image(rng, f"{img_id:012d}.jpg", img_id, len(anns) + 1 + k * 10000000)
+        img.save(os.path.join(root, split, info["file_name"]), quality=92)
+        images.append(info)
+        anns += a
+    out = {"info": {"description": recipe}, "licenses": [], "images": images, "annotations": anns,
+           "categories": [{"id": c + 1, "name": n, "supercategory": "shape"} for c, n in enumerate(DEMO_CLASSES)]}
+    with open(ann_path + ".tmp", "w") as f:
+        json.dump(out, f)
+    os.replace(ann_path + ".tmp", ann_path)
+    print(f"data: wrote the demo split {split}: {count} images, {len(anns)} boxes under {root}")

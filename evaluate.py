@@ -1,29 +1,33 @@
-"""Inference and evaluation.
+"""Inference and COCO evaluation of a checkpoint (upstream's .pth or ours), on a COCO split or on image files.
 
-    # detections on a folder of images (upstream's checkpoint or ours), optionally drawn
+    # COCO box AP of the val split (upstream's checkpoint needs --config; ours carry theirs), one process or many
+    python evaluate.py --ckpt e2e_faster_rcnn_R_101_FPN_1x.pth --config R-101-FPN data_root=datasets/coco \
+        test_ims_per_batch=32 device=mlu
+    torchrun --nproc_per_node 8 evaluate.py --ckpt output/r101/model_final.pth
+    # detections on image files (a file, a folder or a glob), drawn into vis/
     python evaluate.py --ckpt e2e_faster_rcnn_R_101_FPN_1x.pth --images photos/ --output dets.json --vis vis/
-    # COCO box AP of a split (upstream's checkpoint needs --config; ours carry theirs), one process or many
-    python evaluate.py --ckpt e2e_faster_rcnn_R_101_FPN_1x.pth --data-root datasets/coco --split val2017 \
-        --ims-per-batch 32 --device mlu
-    torchrun --nproc_per_node 8 evaluate.py --ckpt output/model_0090000.pth --device cuda
 
-The output is a JSON list, one record per detection: {"file_name", "bbox": [x, y, w, h] in the original
-image's pixels with upstream's +1 width (w = x2 - x1 + 1), "score", "category_id" (the real COCO id)}.
-Preprocessing is upstream's test transform (data.py); one image per forward by default, which is what
-reproduces upstream exactly (batching changes the padding, spec pitfall 5).
+Every config field is an override, as in train.py (key=value or --key value: device=cpu, score_thresh=0.5,
+val_split=val2017, output_dir=...). The order is: the checkpoint, then its config (ours carry theirs; upstream's
+take the --config preset, R-101-FPN by default) with the overrides, then the device, then the model.
+
+A COCO split writes coco_results_{split}.json and metrics_{split}.json to output_dir and prints the COCO table.
+--images writes a JSON list, one record per detection: {"file_name", "bbox": [x, y, w, h] in the original image's
+pixels with upstream's +1 width (w = x2 - x1 + 1), "score", "category_id"}, one image per forward unless
+test_ims_per_batch is given: that reproduces upstream exactly (batching changes the padding, maskrcnn-benchmark
+issue 633).
 """
-import argparse
-import datetime
+import glob
 import json
 import os
 
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 import checkpoint
 import config
 import data
+import launch
 import model
 
 # COCO's 80 category ids (1..90 with gaps) and names, in the json's order: label l (1..80) is index l - 1
@@ -39,137 +43,78 @@ COCO_NAMES = [n.replace("_", " ") for n in COCO_NAMES]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def resolve_device(name, local_rank=0):
-    """torch.device for "cpu", "cuda" or "mlu" (card local_rank), or a ConfigError saying what to do."""
-    name = name.split(":")[0]
-    if name not in ("cpu", "cuda", "mlu"):
-        raise config.ConfigError(f"device {name!r} is not one of cpu, cuda, mlu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "mlu":
-        try:
-            import torch_mlu  # noqa: F401  registers the "mlu" device and torch.mlu
-        except ImportError:
-            raise config.ConfigError("device mlu needs torch_mlu (Cambricon's PyTorch image); "
-                                     "use device cpu or cuda on this machine") from None
-    module = getattr(torch, name)
-    count = module.device_count() if module.is_available() else 0
-    if local_rank >= count:
-        raise config.ConfigError(f"device {name} card {local_rank} is not available here ({count} cards seen): "
-                                 "use device cpu, or fewer processes per node")
-    module.set_device(local_rank)
-    return torch.device(name, local_rank)
-
-
-def init_distributed(device, rank, world_size):
-    """The process group from torchrun's environment, with the backend that matches the device."""
-    # Each torchrun restart keeps its keys under its own prefix: a restarted group must not read the addresses
-    # the previous (dead) round published in the same store.
-    timeout = datetime.timedelta(minutes=30)
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
-                          timeout=timeout)
-    store = dist.PrefixStore(f"frcnn_restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    backend = {"cpu": "gloo", "cuda": "nccl", "mlu": "cncl"}[device.type]
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-
-
-def load_model(ckpt_path, preset=None, overrides=(), device="cpu"):
-    """Model and config from a checkpoint: ours carries its config; upstream's takes the preset (R-101-FPN by
-    default). Refuses a checkpoint that does not fit the model exactly (checkpoint.load_state)."""
+def load(ckpt_path, preset=None, overrides=(), verbose=True):
+    """(model on its device in eval mode, config, device) of a checkpoint: the checkpoint, then its config (ours
+    carry theirs; upstream's take `preset`, R-101-FPN by default) with the overrides, then the device, then the
+    model. Refuses a checkpoint that does not fit the model exactly (checkpoint.load_state)."""
     ckpt = checkpoint.load(ckpt_path)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
-        if preset:
+        if preset and verbose:
             print(f"evaluate: {ckpt_path} carries its own config; --config {preset} ignored")
-        cfg = config.get(config.from_dict(ckpt["config"]), overrides)
+        cfg = config.get(config.from_dict(ckpt["config"]), overrides, verbose)
     else:
-        cfg = config.get(preset or "R-101-FPN", overrides)
+        cfg = config.get(preset or "R-101-FPN", overrides, verbose)
+    device = launch.device(cfg.device, launch.env()[2])
     net = model.build_model(cfg)
     n = checkpoint.load_state(net, checkpoint.model_state(ckpt), repr(ckpt_path))
-    print(f"evaluate: loaded {n} tensors from {ckpt_path}")
-    return net.to(device).eval(), cfg
+    if verbose:
+        print(f"evaluate: loaded {n} tensors from {ckpt_path}")
+    return net.to(device).eval(), cfg, device
 
 
 @torch.inference_mode()
-def predict(net, batches, device):
-    """batches yield (images (N,3,Hp,Wp), image_sizes [(h, w)], keys [any]); yields (key, resized (h, w),
-    detections {"boxes", "scores", "labels"} on the CPU in resized-image pixels)."""
-    for images, sizes, keys in batches:
-        for key, size, det in zip(keys, sizes, net(images.to(device), sizes)):
-            yield key, size, {k: v.cpu() for k, v in det.items()}
+def predict(net, loader, device, rank=0, world_size=1):
+    """Detections on every image of loader.dataset, each rank running its shard, gathered on rank 0 by dataset
+    index: {index: {"boxes" (D, 4) float32 xyxy, "scores" (D,), "labels" (D,) 1..K-1}} on the CPU (None on other
+    ranks). Boxes are in the original image's pixels (the json's size for a COCO split), rescaled per axis from the
+    resized input without +1, as upstream's prepare_for_coco_detection (BoxList.resize)."""
+    from tqdm import tqdm
+    ds, was_training = loader.dataset, net.training
+    net.eval()
+    mine = {}
+    with tqdm(total=sum(len(b) for b in loader.batch_sampler), desc="images", disable=rank != 0, leave=False) as bar:
+        for images, sizes, _, indices in loader:
+            for i, (rh, rw), det in zip(indices, sizes, net(images.to(device), sizes)):
+                det = {k: v.cpu() for k, v in det.items()}
+                ow, oh = ds.sizes[i]
+                det["boxes"] = det["boxes"].to(torch.float32) * torch.tensor([ow / rw, oh / rh, ow / rw, oh / rh])
+                mine[i] = det
+            bar.update(len(indices))
+    net.train(was_training)
+    if world_size == 1:
+        return mine
+    parts = [None] * world_size if rank == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    return {i: det for part in parts for i, det in part.items()} if rank == 0 else None
 
 
-def coco_records(det, resized_size, orig_size, label_to_cat_id):
-    """Detections of one image as COCO result records (without the image key), written as upstream's
-    prepare_for_coco_detection: boxes rescaled from the resized to the original size with per-axis ratios
-    (no +1 there), then [x, y, w, h] with w = x2 - x1 + 1 (legacy +1), category_id the dataset's real id."""
-    (rh, rw), (oh, ow) = resized_size, orig_size
-    boxes = det["boxes"].to(torch.float32) * torch.tensor([ow / rw, oh / rh, ow / rw, oh / rh])
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2] + 1], 1)
-    return [{"category_id": label_to_cat_id[int(l)], "bbox": [float(v) for v in b], "score": float(s)}
-            for b, s, l in zip(xywh, det["scores"], det["labels"])]
+def coco_records(det, label_to_cat_id):
+    """Detections of one image as COCO result records (without the image key): [x, y, w, h] with w = x2 - x1 + 1
+    (legacy +1, upstream's BoxList.convert("xywh")), category_id the dataset's real id."""
+    b = det["boxes"]
+    xywh = torch.cat([b[:, :2], b[:, 2:] - b[:, :2] + 1], 1)
+    return [{"category_id": label_to_cat_id[int(l)], "bbox": [float(v) for v in box], "score": float(s)}
+            for box, s, l in zip(xywh, det["scores"], det["labels"])]
 
 
-def folder_batches(paths, cfg, ims_per_batch=1):
-    """Upstream's test preprocessing for image files: (batch, image_sizes, [(path, original (h, w))])."""
-    for start in range(0, len(paths), ims_per_batch):
-        tensors, keys = [], []
-        for path in paths[start:start + ims_per_batch]:
-            try:
-                img = data.load_image(path)
-            except OSError as e:
-                raise SystemExit(f"cannot read image {path}: {e}") from None
-            w, h = data.resize_size(*img.size, cfg.min_size_test, cfg.max_size_test)
-            tensors.append(data.to_model_tensor(img.resize((w, h), Image.BILINEAR), cfg.pixel_mean))
-            keys.append((path, (img.size[1], img.size[0])))
-        batch, sizes = data.pad_batch(tensors, cfg.size_divisibility)
-        yield batch, sizes, keys
-
-
-def draw(path, records, names, out_path):
-    """The image with its boxes, class names and scores."""
+def draw(path, det, names, out_path, min_score):
+    """The image file with its detections scoring at least min_score: boxes, class names (names[label]) and
+    scores."""
     import numpy as np
+    from PIL import Image
     from torchvision.utils import draw_bounding_boxes
     img = torch.from_numpy(np.array(data.load_image(path))).permute(2, 0, 1)
-    boxes = torch.tensor([[x, y, x + w - 1, y + h - 1] for x, y, w, h in (r["bbox"] for r in records)],
-                         dtype=torch.float32).reshape(-1, 4)
-    labels = [f"{names.get(r['category_id'], r['category_id'])} {r['score']:.2f}" for r in records]
-    if len(records):
-        img = draw_bounding_boxes(img, boxes, labels, colors="red", width=2)
+    keep = det["scores"] >= min_score
+    if keep.any():
+        labels = [f"{names[int(l)]} {s:.2f}" for l, s in zip(det["labels"][keep], det["scores"][keep])]
+        img = draw_bounding_boxes(img, det["boxes"][keep], labels, colors="red", width=2)
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     Image.fromarray(img.permute(1, 2, 0).numpy()).save(out_path)
-
-
-def run_folder(args, net, cfg, device):
-    if not os.path.isdir(args.images):
-        raise SystemExit(f"--images {args.images!r} is not a directory")
-    paths = sorted(os.path.join(args.images, f) for f in os.listdir(args.images) if f.lower().endswith(IMAGE_EXTS))
-    if not paths:
-        raise SystemExit(f"--images {args.images!r} holds no image files ({', '.join(IMAGE_EXTS)})")
-    if cfg.num_classes == len(COCO_IDS) + 1:
-        label_to_cat_id = {i + 1: c for i, c in enumerate(COCO_IDS)}
-        names = dict(zip(COCO_IDS, COCO_NAMES))
-    else:  # not a COCO model: the contiguous label is the category id
-        label_to_cat_id = {i: i for i in range(1, cfg.num_classes)}
-        names = {}
-    from tqdm import tqdm
-    results = []
-    if args.vis:
-        os.makedirs(args.vis, exist_ok=True)
-    batches = folder_batches(paths, cfg, args.ims_per_batch)
-    for (path, orig), size, det in tqdm(predict(net, batches, device), total=len(paths), desc="images"):
-        records = coco_records(det, size, orig, label_to_cat_id)
-        rel = os.path.relpath(path, args.images)
-        results += [{"file_name": rel, **r} for r in records]
-        if args.vis:
-            draw(path, records, names, os.path.join(args.vis, os.path.splitext(rel)[0] + ".jpg"))
-    with open(args.output, "w") as f:
-        json.dump(results, f)
-    print(f"evaluate: {len(results)} detections on {len(paths)} images -> {args.output}")
 
 
 def coco_evaluator():
     """(name, COCO, COCOeval) of the fastest installed evaluator that gives pycocotools' numbers: hotcoco
-    (bit-identical in test_evaluate.py), else faster-coco-eval (equal to ~1e-16), else pycocotools itself."""
+    (test_evaluate.py), else faster-coco-eval, else pycocotools itself."""
     try:
         import hotcoco
         return "hotcoco", hotcoco.COCO, hotcoco.COCOeval
@@ -200,34 +145,19 @@ def coco_stats(ann_file, results, evaluator=None):
     return dict(zip(STAT_NAMES, map(float, list(e.stats)[:12])))
 
 
-def evaluate_coco(net, cfg, device, rank=0, world_size=1, split=None, output_dir=None):
-    """COCO box evaluation as upstream's inference(): every image of the split once, sharded over ranks and
-    gathered on rank 0 by dataset index. Rank 0 prints the COCO table and AP/AP50, writes
-    coco_results_{split}.json and metrics_{split}.json to output_dir and returns the metrics (others: None)."""
-    from tqdm import tqdm
-    split = split or cfg.val_split
+def evaluate_coco(net, cfg, device, rank=0, world_size=1):
+    """COCO box evaluation of cfg.val_split as upstream's inference(): every image once, sharded over ranks and
+    gathered on rank 0 by dataset index. Rank 0 prints the COCO table and AP/AP50, writes coco_results_{split}.json,
+    metrics_{split}.json and the drawings of the first cfg.vis_images images (vis/) to cfg.output_dir and returns
+    the metrics (others: None)."""
+    split, out = cfg.val_split, cfg.output_dir
     loader = data.make_test_loader(cfg, split, rank, world_size)
-    ds = loader.dataset
-    was_training = net.training
-    net.eval()
-    mine = {}
-    batches = ((images, sizes, indices) for images, sizes, _, indices in loader)
-    total = sum(len(b) for b in loader.batch_sampler)
-    for index, size, det in tqdm(predict(net, batches, device), total=total, desc=f"eval {split}",
-                                 disable=rank != 0, leave=False):
-        w, h = ds.sizes[index]  # back to the json's size, as upstream's prepare_for_coco_detection
-        mine[index] = [{"image_id": ds.ids[index], **r} for r in coco_records(det, size, (h, w), ds.label_to_cat_id)]
-    net.train(was_training)
-    parts = [mine]
-    if world_size > 1:
-        parts = [None] * world_size if rank == 0 else None
-        dist.gather_object(mine, parts, dst=0)
+    dets = predict(net, loader, device, rank, world_size)
     if rank != 0:
         return None
-    merged = {i: recs for part in parts for i, recs in part.items()}
-    assert len(merged) == len(ds), f"evaluation gathered {len(merged)} of {len(ds)} images"
-    results = [r for i in sorted(merged) for r in merged[i]]
-    out = output_dir or cfg.output_dir
+    ds = loader.dataset
+    assert len(dets) == len(ds), f"evaluation gathered {len(dets)} of {len(ds)} images"
+    results = [{"image_id": ds.ids[i], **r} for i in sorted(dets) for r in coco_records(dets[i], ds.label_to_cat_id)]
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"coco_results_{split}.json"), "w") as f:
         json.dump(results, f)
@@ -236,69 +166,80 @@ def evaluate_coco(net, cfg, device, rank=0, world_size=1, split=None, output_dir
     metrics = {"split": split, "images": len(ds), "detections": len(results), "evaluator": evaluator[0], **stats}
     with open(os.path.join(out, f"metrics_{split}.json"), "w") as f:
         json.dump(metrics, f, indent=1)
+    for i in range(min(cfg.vis_images, len(ds))):
+        draw(ds.path(i), dets[i], ds.names, os.path.join(out, "vis", os.path.basename(ds.path(i))), cfg.vis_score)
     print(f"evaluate: {split}: AP {stats['AP']:.4f}  AP50 {stats['AP50']:.4f}  ({len(ds)} images, "
           f"{len(results)} detections, {evaluator[0]}) -> {out}")
     return metrics
 
 
-def visualize_split(net, cfg, device, out_dir, count=8, split=None):
-    """Draw net's detections (score >= 0.5) on the first count images of a split into out_dir."""
-    ds = data.make_test_loader(cfg, split).dataset
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [ds.path(i) for i in range(min(count, len(ds)))]
-    names = dict(zip(ds.label_to_cat_id.values(), ds.names[1:]))
-    was_training = net.training
-    net.eval()
-    for (path, orig), size, det in predict(net, folder_batches(paths, cfg), device):
-        records = [r for r in coco_records(det, size, orig, ds.label_to_cat_id) if r["score"] >= 0.5]
-        draw(path, records, names, os.path.join(out_dir, os.path.basename(path)))
-    net.train(was_training)
+def image_paths(spec):
+    """(sorted image paths, the folder their file_name is relative to) of a file, a folder or a glob."""
+    if os.path.isdir(spec):
+        paths = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTS))
+        base = spec
+    elif os.path.isfile(spec):
+        paths, base = [spec], os.path.dirname(spec)
+    else:
+        paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        base = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+    if not paths:
+        raise config.UserError(f"--images {spec!r} names no image file (a file, a folder holding "
+                               f"{', '.join(IMAGE_EXTS)} files, or a glob)")
+    return paths, base
+
+
+def run_images(args, net, cfg, device, rank, world_size):
+    """Detections on the --images files into the --output json, drawn into --vis when given."""
+    paths, base = image_paths(args.images)
+    for folder in [os.path.dirname(os.path.abspath(args.output))] + ([args.vis] if args.vis else []):
+        os.makedirs(folder, exist_ok=True)  # before any inference: a bad path fails now, not after an hour
+    if cfg.num_classes == len(COCO_IDS) + 1:
+        label_to_cat_id = {i + 1: c for i, c in enumerate(COCO_IDS)}
+        names = ["__background__"] + COCO_NAMES
+    else:  # not a COCO model: the contiguous label is the category id
+        label_to_cat_id = {i: i for i in range(1, cfg.num_classes)}
+        names = [str(i) for i in range(cfg.num_classes)]
+    loader = data.make_test_loader(cfg, rank=rank, world_size=world_size, dataset=data.ImageFiles(paths, cfg))
+    dets = predict(net, loader, device, rank, world_size)
+    if rank != 0:
+        return
+    results = []
+    for i in sorted(dets):
+        rel = os.path.relpath(paths[i], base)
+        results += [{"file_name": rel, **r} for r in coco_records(dets[i], label_to_cat_id)]
+        if args.vis:
+            draw(paths[i], dets[i], names, os.path.join(args.vis, os.path.splitext(rel)[0] + ".jpg"), cfg.vis_score)
+    with open(args.output, "w") as f:
+        json.dump(results, f)
+    print(f"evaluate: {len(results)} detections on {len(paths)} images -> {args.output}")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="upstream .pth or one of ours")
-    p.add_argument("--config", default=None, help=f"preset for checkpoints without a config: {', '.join(config.PRESETS)}")
-    p.add_argument("--images", help="folder of images to run on (instead of a COCO split)")
-    p.add_argument("--data-root", default=None, help="COCO layout root (default: the config's data_root)")
-    p.add_argument("--split", default=None, help="split to evaluate (default: the config's val_split)")
-    p.add_argument("--output-dir", default=None, help="where the COCO results and metrics go")
-    p.add_argument("--output", default="dets.json", help="results json")
-    p.add_argument("--vis", default="", help="folder for drawn images")
-    p.add_argument("--device", default=None, help="cpu, cuda or mlu (default: the config's, cpu if unavailable)")
-    p.add_argument("--ims-per-batch", type=int, default=None,
-                   help="images per forward over all processes (default: 1 for --images, test_ims_per_batch for COCO)")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value")
-    args = p.parse_args(argv)
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if args.device is None:
-        cfg_device = config.get(args.config or "R-101-FPN", verbose=False).device
-        ok = cfg_device == "cpu" or (cfg_device.startswith("cuda") and torch.cuda.is_available())
-        args.device = cfg_device if ok else "cpu"
-    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+    p = config.parser(__doc__)
+    p.add_argument("--ckpt", required=True, help="upstream's .pth or one of ours")
+    p.add_argument("--images", help="image files to run on instead of a COCO split: a file, a folder or a glob")
+    p.add_argument("--output", default="dets.json", help="--images: the detections json (default dets.json)")
+    p.add_argument("--vis", default="", help="--images: folder for the drawn images")
+    args, overrides = config.parse(p, argv)
+    rank, world_size, _ = launch.env()
+    if args.images:  # one image per forward unless asked: upstream's exact numbers
+        overrides = ["test_ims_per_batch=1"] + overrides
+    net, cfg, device = load(args.ckpt, args.config, overrides, verbose=rank == 0)
     # Upstream ran plain FP32; TF32 convolutions and matmuls (Ampere and later) would change its detections
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    overrides = list(args.overrides) + [f"device={device.type}"]
-    if args.data_root:
-        overrides.append(f"data_root={args.data_root}")
-    if args.images:
-        args.ims_per_batch = args.ims_per_batch or 1
-        net, cfg = load_model(args.ckpt, args.config, overrides, device)
-        return run_folder(args, net, cfg, device)
-    if args.ims_per_batch:
-        overrides.append(f"test_ims_per_batch={args.ims_per_batch}")
-    net, cfg = load_model(args.ckpt, args.config, overrides, device)
     if cfg.test_ims_per_batch % world_size:
-        raise config.ConfigError(f"--ims-per-batch {cfg.test_ims_per_batch} is not divisible by {world_size} "
+        raise config.ConfigError(f"test_ims_per_batch={cfg.test_ims_per_batch} is not divisible by {world_size} "
                                  f"processes: use a multiple of {world_size}")
-    if world_size > 1:
-        init_distributed(device, rank, world_size)
-    metrics = evaluate_coco(net, cfg, device, rank, world_size, args.split, args.output_dir or cfg.output_dir)
-    if world_size > 1:
-        dist.destroy_process_group()
-    return metrics
+    launch.init_process_group(device, rank, world_size)
+    if args.images:
+        result = run_images(args, net, cfg, device, rank, world_size)
+    else:
+        result = evaluate_coco(net, cfg, device, rank, world_size)
+    launch.finish(world_size)
+    return result
 
 
 if __name__ == "__main__":
-    config.run_cli(main)
+    launch.run_cli(main)

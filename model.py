@@ -1,12 +1,18 @@
 """Faster R-CNN with a ResNet-50/101 + FPN backbone (Ren et al. 2015, "Faster R-CNN"; Lin et al. 2017, "Feature
 Pyramid Networks"), as facebookresearch/maskrcnn-benchmark implements it at commit 57eec25 (master, 2019-11-21).
-Every constant and quirk follows ../shared/spec/maskrcnn_benchmark.md (section numbers in comments, "spec 3.5").
+Every constant and quirk follows upstream; comments name the file under maskrcnn_benchmark/ it comes from.
 Module names follow upstream's checkpoint keys, so upstream's state dict loads with no mapping table.
 
 Shapes: N images per batch, (Hp, Wp) the padded batch size, (h, w) an image's unpadded resized size,
 L = 5 FPN levels P2..P6, A = 3 anchors per location, G ground-truth boxes of an image, R proposals of an image,
 K classes including background 0. Boxes are (x1, y1, x2, y2) in resized-image pixels with the legacy +1
 convention (width = x2 - x1 + 1) everywhere.
+
+Names: C2..C5 the ResNet stage outputs (res2..res5, upstream's layer1..layer4), P2..P6 the FPN levels;
+anchors the fixed reference boxes of every location; logits the RPN's objectness before the sigmoid;
+deltas the box coder's (dx, dy, dw, dh) against a reference box; proposals the RPN's decoded boxes after NMS;
+rois proposals with their image index in column 0, (R, 5), as ROIAlign takes them; gt the ground-truth boxes;
+labels 1..K-1 for classes, 0 background, -1 ignored; "sampled" the anchors or proposals a loss is taken over.
 """
 import math
 
@@ -16,10 +22,10 @@ from torch import nn
 
 import ops
 
-BBOX_XFORM_CLIP = math.log(1000.0 / 16)  # upper clamp of decoded dw, dh (spec 3.5)
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)  # upper clamp of decoded dw, dh (modeling/box_coder.py)
 
 
-# ---- box utilities, legacy +1 convention (spec 3.5, 3.6)
+# ---- box utilities, legacy +1 convention (structures/boxlist_ops.py, structures/bounding_box.py)
 
 def box_area(boxes):
     return (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
@@ -48,7 +54,8 @@ def remove_small_boxes(boxes, min_size):
 
 
 class BoxCoder:
-    """Encodes gt boxes as deltas (dx, dy, dw, dh) against reference boxes and decodes them back (spec 3.5)."""
+    """Encodes gt boxes as deltas (dx, dy, dw, dh) against reference boxes and decodes them back
+    (modeling/box_coder.py)."""
 
     def __init__(self, weights):
         self.weights = weights
@@ -73,7 +80,7 @@ class BoxCoder:
         dh = (deltas[:, 3::4] / wh).clamp(max=BBOX_XFORM_CLIP)
         cx, cy = dx * pw + px, dy * ph + py
         w, h = torch.exp(dw) * pw, torch.exp(dh) * ph
-        # x2 = cx + w/2 - 1: the legacy +1 convention's decode (spec 3.5)
+        # x2 = cx + w/2 - 1: the legacy +1 convention's decode (box_coder.py's pred_boxes[:, 2::4])
         out = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w - 1, cy + 0.5 * h - 1], 2)  # (R, k, 4)
         return out.reshape(deltas.shape)
 
@@ -82,7 +89,7 @@ BELOW_LOW, BETWEEN = -1, -2
 
 
 def match(iou, high, low, allow_low_quality):
-    """iou (G, P) -> matched gt index per prediction (P,), or BELOW_LOW (-1) / BETWEEN (-2) (spec 3.8)."""
+    """iou (G, P) -> matched gt index per prediction (P,), or BELOW_LOW (-1) / BETWEEN (-2) (modeling/matcher.py)."""
     if iou.numel() == 0:
         raise ValueError(f"matcher got an empty IoU matrix of shape {tuple(iou.shape)}: no ground truth or no boxes")
     vals, matches = iou.max(0)
@@ -120,8 +127,9 @@ def smooth_l1(x, beta):
 # ---- backbone
 
 class FrozenBatchNorm2d(nn.Module):
-    """y = x * weight / sqrt(running_var) + (bias - running_mean * scale). No epsilon (spec 3.2, pitfall 4);
-    four buffers, nothing trainable. In the backbone it is folded into the preceding conv (conv_norm)."""
+    """y = x * weight / sqrt(running_var) + (bias - running_mean * scale), layers/batch_norm.py. No epsilon:
+    torchvision's later eps=1e-5 default would scale every BN by 1/sqrt(1+1e-5) and change this checkpoint's
+    detections. Four buffers, nothing trainable. In the backbone it is folded into the preceding conv (conv_norm)."""
 
     def __init__(self, n):
         super().__init__()
@@ -159,7 +167,8 @@ def conv_norm(x, conv, norm):
 
 
 class Bottleneck(nn.Module):
-    """1x1 (stride here: STRIDE_IN_1X1, MSRA) -> 3x3 -> 1x1, each with a norm, plus shortcut, ReLU (spec 3.2).
+    """1x1 (stride here: STRIDE_IN_1X1, MSRA) -> 3x3 -> 1x1, each with a norm, plus shortcut, ReLU
+    (modeling/backbone/resnet.py, Bottleneck).
     (N, cin, H, W) -> (N, cout, H/stride, W/stride)."""
 
     def __init__(self, cin, mid, cout, stride, norm):
@@ -210,8 +219,8 @@ class ResNet(nn.Module):
             self.out_channels.append(cout)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_uniform_(m.weight, a=1)  # master's init; ImageNet weights overwrite it (spec 3.13)
-        # FREEZE_CONV_BODY_AT: stage 0 = stem, stage 1 = layer1 (spec 3.2)
+                nn.init.kaiming_uniform_(m.weight, a=1)  # master's init; ImageNet weights overwrite it
+        # FREEZE_CONV_BODY_AT: stage 0 = stem, stage 1 = layer1 (resnet.py, _freeze_backbone)
         for stage in [self.stem, self.layer1][:freeze_at]:
             for p in stage.parameters():
                 p.requires_grad_(False)
@@ -226,7 +235,7 @@ class ResNet(nn.Module):
 
 
 class FPN(nn.Module):
-    """[C2..C5] -> [P2, P3, P4, P5, P6], all with `channels` channels (spec 3.3). fpn_inner_k / fpn_layer_k act
+    """[C2..C5] -> [P2, P3, P4, P5, P6], all with `channels` channels (modeling/backbone/fpn.py). fpn_inner_k / fpn_layer_k act
     on C_{k+1} / P_{k+1}; P6 is P5 subsampled by 2 (upstream's max-pool with kernel 1)."""
 
     def __init__(self, in_channels, channels):
@@ -235,7 +244,7 @@ class FPN(nn.Module):
             self.add_module(f"fpn_inner{k}", nn.Conv2d(cin, channels, 1))
             self.add_module(f"fpn_layer{k}", nn.Conv2d(channels, channels, 3, 1, 1))
         for m in self.children():
-            nn.init.kaiming_uniform_(m.weight, a=1)  # Caffe2 XavierFill (spec 3.13)
+            nn.init.kaiming_uniform_(m.weight, a=1)  # Caffe2 XavierFill (modeling/make_layers.py, conv_with_kaiming_uniform)
             nn.init.zeros_(m.bias)
         self.n = len(in_channels)
 
@@ -253,7 +262,8 @@ class FPN(nn.Module):
 # ---- RPN
 
 def cell_anchors(stride, size, ratios):
-    """(A, 4) anchors of one location at the origin: Detectron's legacy generator (spec 3.4). Python's round is
+    """(A, 4) anchors of one location at the origin: Detectron's legacy generator (modeling/rpn/anchor_generator.py,
+    generate_anchors). Python's round is
     half-to-even like numpy's, which the table depends on (s = 32, r = 0.5: round(22.5) = 22)."""
     c = (stride - 1) / 2.0
     rows = []
@@ -278,7 +288,7 @@ class BufferList(nn.Module):
 
 
 class AnchorGenerator(nn.Module):
-    """Feature-map sizes -> per level (Hf*Wf*A, 4) anchors in (y, x, a) order (spec 3.4)."""
+    """Feature-map sizes -> per level (Hf*Wf*A, 4) anchors in (y, x, a) order (rpn/anchor_generator.py)."""
 
     def __init__(self, sizes, strides, ratios):
         super().__init__()
@@ -318,20 +328,28 @@ class RPNHead(nn.Module):
 
 
 class RPN(nn.Module):
-    """Features [P2..P6] -> proposals per image (R, 4) with objectness, plus the two RPN losses in training."""
+    """Features [P2..P6] -> proposals per image [(R, 4)], plus the two RPN losses in training (modeling/rpn/rpn.py,
+    inference.py, loss.py). Counts that differ between training and test come as (train, test) pairs."""
 
-    def __init__(self, cfg):
+    def __init__(self, channels, anchor_sizes, anchor_strides, aspect_ratios, pre_nms_top_n, post_nms_top_n,
+                 fpn_post_nms_top_n, fpn_post_nms_per_batch, nms_thresh, min_size, fg_iou, bg_iou, batch_per_image,
+                 positive_fraction, straddle_thresh):
         super().__init__()
-        self.cfg = cfg
-        self.anchor_generator = AnchorGenerator(cfg.anchor_sizes, cfg.anchor_strides, cfg.aspect_ratios)
-        self.head = RPNHead(cfg.fpn_channels, len(cfg.aspect_ratios))
+        self.anchor_generator = AnchorGenerator(anchor_sizes, anchor_strides, aspect_ratios)
+        self.head = RPNHead(channels, len(aspect_ratios))
         self.coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+        self.pre_nms_top_n, self.post_nms_top_n = pre_nms_top_n, post_nms_top_n
+        self.fpn_post_nms_top_n, self.fpn_post_nms_per_batch = fpn_post_nms_top_n, fpn_post_nms_per_batch
+        self.nms_thresh, self.min_size, self.straddle_thresh = nms_thresh, min_size, straddle_thresh
+        self.fg_iou, self.bg_iou = fg_iou, bg_iou
+        self.batch_per_image, self.positive_fraction = batch_per_image, positive_fraction
 
     def forward(self, feats, image_sizes, targets=None):
         logits, deltas = self.head(feats)
         anchors = self.anchor_generator([f.shape[-2:] for f in feats])
         n = feats[0].shape[0]
-        # flatten to (N, Hf*Wf*A) and (N, Hf*Wf*A, 4) in the anchors' (y, x, a) order (spec 3.4)
+        # flatten to (N, Hf*Wf*A) and (N, Hf*Wf*A, 4) in the anchors' (y, x, a) order (rpn/utils.py,
+        # permute_and_flatten)
         logits = [o.permute(0, 2, 3, 1).reshape(n, -1) for o in logits]
         deltas = [d.reshape(n, -1, 4, *d.shape[-2:]).permute(0, 3, 4, 1, 2).reshape(n, -1, 4) for d in deltas]
         with torch.no_grad():
@@ -342,10 +360,10 @@ class RPN(nn.Module):
                                     image_sizes, targets)
 
     def select_proposals(self, anchors, logits, deltas, image_sizes):
-        """Per level per image: top-k, decode, clip, NMS 0.7, keep post_nms_top_n; then across levels (spec 3.7)."""
-        cfg, train = self.cfg, self.training
-        pre_n = cfg.rpn_pre_nms_top_n_train if train else cfg.rpn_pre_nms_top_n_test
-        post_n = cfg.rpn_post_nms_top_n_train if train else cfg.rpn_post_nms_top_n_test
+        """Per level per image: top-k, decode, clip, NMS 0.7, keep post_nms_top_n; then across levels
+        (rpn/inference.py, RPNPostProcessor and select_over_all_levels). Returns boxes per image [(R, 4)]."""
+        phase = 0 if self.training else 1
+        pre_n, post_n = self.pre_nms_top_n[phase], self.post_nms_top_n[phase]
         n = len(image_sizes)
         boxes, scores = [[] for _ in range(n)], [[] for _ in range(n)]
         for anc, logit, delta in zip(anchors, logits, deltas):
@@ -354,45 +372,40 @@ class RPN(nn.Module):
                 b = self.coder.decode(delta[i, idx[i]], anc[idx[i]])
                 b = clip_boxes(b, image_sizes[i])
                 s = obj[i]
-                if cfg.rpn_min_size > 0:
-                    keep = remove_small_boxes(b, cfg.rpn_min_size)
+                if self.min_size > 0:
+                    keep = remove_small_boxes(b, self.min_size)
                     b, s = b[keep], s[keep]
-                keep = ops.nms(b, s, cfg.rpn_nms_thresh, offset=1)[:post_n]  # input score-sorted: top post_n
+                keep = ops.nms(b, s, self.nms_thresh, offset=1)[:post_n]  # input score-sorted: top post_n
                 boxes[i].append(b[keep])
                 scores[i].append(s[keep])
         boxes = [torch.cat(b) for b in boxes]
         scores = [torch.cat(s) for s in scores]
-        if train and cfg.fpn_post_nms_per_batch:
-            # Upstream quirk (spec 3.7, pitfall 1): the training top-n spans the whole per-device batch; each
-            # image gets back its share in its original order.
+        top_n = self.fpn_post_nms_top_n[phase]
+        if self.training and self.fpn_post_nms_per_batch:
+            # Upstream quirk (rpn/inference.py, FPN_POST_NMS_PER_BATCH, default True): the training top-n spans
+            # the whole per-device batch; each image gets back its share in its original order.
             all_scores = torch.cat(scores)
             mask = torch.zeros_like(all_scores, dtype=torch.bool)
-            mask[all_scores.topk(min(cfg.fpn_post_nms_top_n_train, all_scores.numel()), sorted=True)[1]] = True
-            masks = mask.split([len(s) for s in scores])
-            return [(b[m], s[m]) for b, s, m in zip(boxes, scores, masks)]
-        top_n = cfg.fpn_post_nms_top_n_train if train else cfg.fpn_post_nms_top_n_test
-        out = []
-        for b, s in zip(boxes, scores):
-            s, keep = s.topk(min(top_n, s.numel()), sorted=True)
-            out.append((b[keep], s))
-        return out
+            mask[all_scores.topk(min(top_n, all_scores.numel()), sorted=True)[1]] = True
+            return [b[m] for b, m in zip(boxes, mask.split([len(s) for s in scores]))]
+        return [b[s.topk(min(top_n, s.numel()), sorted=True)[1]] for b, s in zip(boxes, scores)]
 
     def loss(self, anchors, logits, deltas, image_sizes, targets):
-        """anchors (P, 4), logits (N, P), deltas (N, P, 4) -> loss_objectness, loss_rpn_box_reg (spec 3.8-3.9)."""
-        cfg, t = self.cfg, self.cfg.straddle_thresh
+        """anchors (P, 4), logits (N, P), deltas (N, P, 4) -> loss_objectness, loss_rpn_box_reg (rpn/loss.py)."""
+        t = self.straddle_thresh
         labels, reg_targets = [], []
         for (h, w), tgt in zip(image_sizes, targets):
             gt = tgt["boxes"]
-            m = match(box_iou(gt, anchors), cfg.rpn_fg_iou, cfg.rpn_bg_iou, allow_low_quality=True)
+            m = match(box_iou(gt, anchors), self.fg_iou, self.bg_iou, allow_low_quality=True)
             lab = (m >= 0).to(torch.float32)
-            # visibility after matching, as upstream (pitfall 15): straddling anchors took part in the
-            # low-quality rule and are only now ignored
+            # visibility after matching, as upstream (rpn/loss.py, prepare_targets): straddling anchors took part
+            # in the low-quality rule and are only now ignored
             visible = (anchors[:, 0] >= -t) & (anchors[:, 1] >= -t) & (anchors[:, 2] < w + t) & (anchors[:, 3] < h + t)
             lab[~visible] = -1
             lab[m == BETWEEN] = -1
             labels.append(lab)
             reg_targets.append(self.coder.encode(gt[m.clamp(min=0)], anchors))
-        pos, neg = zip(*[sample_pos_neg(lab, cfg.rpn_batch_per_image, cfg.rpn_positive_fraction) for lab in labels])
+        pos, neg = zip(*[sample_pos_neg(lab, self.batch_per_image, self.positive_fraction) for lab in labels])
         pos, neg = torch.stack(pos), torch.stack(neg)  # (N, P)
         sampled = pos | neg
         labels, reg_targets = torch.stack(labels), torch.stack(reg_targets)
@@ -405,7 +418,8 @@ class RPN(nn.Module):
 # ---- RoI box head
 
 def map_levels(boxes, k_min=2, k_max=5):
-    """LevelMapper: +1 area, canonical size 224 at level 4, eps 1e-6 (spec 3.10) -> level index 0..k_max-k_min."""
+    """LevelMapper (modeling/poolers.py): +1 area, canonical size 224 at level 4, eps 1e-6 -> level index
+    0..k_max-k_min."""
     s = box_area(boxes).sqrt()
     k = torch.floor(4 + torch.log2(s / 224 + 1e-6))
     return (k.clamp(k_min, k_max) - k_min).to(torch.int64)
@@ -421,7 +435,7 @@ class Pooler(nn.Module):
         self.k_min, self.k_max = round(math.log2(strides[0])), round(math.log2(strides[-1]))
 
     def forward(self, feats, boxes):
-        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], 1) for i, b in enumerate(boxes)])  # (R, 5)
+        rois = ops.boxes_to_rois(boxes)  # (R, 5)
         levels = map_levels(rois[:, 1:], self.k_min, self.k_max)
         c, r = feats[0].shape[1], self.resolution
         out = feats[0].new_zeros((len(rois), c, r, r))
@@ -433,16 +447,16 @@ class Pooler(nn.Module):
 
 
 class FeatureExtractor(nn.Module):
-    """FPN2MLPFeatureExtractor: pool, flatten channel-major, fc6 + ReLU, fc7 + ReLU -> (R, mlp_dim)."""
+    """FPN2MLPFeatureExtractor (roi_heads/box_head/roi_box_feature_extractors.py): pool from P2..P5 (P6 never),
+    flatten channel-major, fc6 + ReLU, fc7 + ReLU -> (R, mlp_dim)."""
 
-    def __init__(self, cfg):
+    def __init__(self, channels, resolution, strides, sampling_ratio, mlp_dim):
         super().__init__()
-        res = cfg.pooler_resolution
-        self.pooler = Pooler(res, cfg.anchor_strides[:4], cfg.pooler_sampling_ratio)  # P2..P5 only, P6 never
-        self.fc6 = nn.Linear(cfg.fpn_channels * res * res, cfg.mlp_dim)
-        self.fc7 = nn.Linear(cfg.mlp_dim, cfg.mlp_dim)
+        self.pooler = Pooler(resolution, strides, sampling_ratio)
+        self.fc6 = nn.Linear(channels * resolution * resolution, mlp_dim)
+        self.fc7 = nn.Linear(mlp_dim, mlp_dim)
         for fc in (self.fc6, self.fc7):
-            nn.init.kaiming_uniform_(fc.weight, a=1)
+            nn.init.kaiming_uniform_(fc.weight, a=1)  # modeling/make_layers.py, make_fc
             nn.init.zeros_(fc.bias)
 
     def forward(self, feats, boxes):
@@ -451,7 +465,8 @@ class FeatureExtractor(nn.Module):
 
 
 class Predictor(nn.Module):
-    """FPNPredictor: (R, mlp_dim) -> class logits (R, K) and class-specific deltas (R, 4K)."""
+    """FPNPredictor (roi_heads/box_head/roi_box_predictors.py): (R, mlp_dim) -> class logits (R, K) and
+    class-specific deltas (R, 4K)."""
 
     def __init__(self, dim, num_classes):
         super().__init__()
@@ -467,14 +482,17 @@ class Predictor(nn.Module):
 
 
 class BoxHead(nn.Module):
-    """Proposals per image -> box losses (training) or detections per image (eval), spec 3.10-3.12."""
+    """Proposals per image -> box losses (training) or detections per image (eval) (roi_heads/box_head/)."""
 
-    def __init__(self, cfg):
+    def __init__(self, channels, resolution, strides, sampling_ratio, mlp_dim, num_classes, reg_weights, fg_iou,
+                 bg_iou, batch_per_image, positive_fraction, score_thresh, nms_thresh, detections_per_img):
         super().__init__()
-        self.cfg = cfg
-        self.feature_extractor = FeatureExtractor(cfg)
-        self.predictor = Predictor(cfg.mlp_dim, cfg.num_classes)
-        self.coder = BoxCoder(cfg.bbox_reg_weights)
+        self.feature_extractor = FeatureExtractor(channels, resolution, strides, sampling_ratio, mlp_dim)
+        self.predictor = Predictor(mlp_dim, num_classes)
+        self.coder = BoxCoder(reg_weights)
+        self.fg_iou, self.bg_iou = fg_iou, bg_iou
+        self.batch_per_image, self.positive_fraction = batch_per_image, positive_fraction
+        self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
 
     def forward(self, feats, proposals, image_sizes, targets=None):
         if self.training:
@@ -485,17 +503,17 @@ class BoxHead(nn.Module):
         return self.postprocess(logits, deltas, proposals, image_sizes)
 
     def sample(self, proposals, targets):
-        """Append the gt to each image's proposals (spec 3.7 step 8), match at 0.5, sample 512 at 0.25."""
-        cfg = self.cfg
+        """Append the gt to each image's proposals (rpn/inference.py, add_gt_proposals), match (box_head/loss.py),
+        sample batch_per_image at positive_fraction (balanced_positive_negative_sampler.py)."""
         out_boxes, out_labels, out_targets = [], [], []
         for props, tgt in zip(proposals, targets):
             gt, gt_labels = tgt["boxes"], tgt["labels"]
             props = torch.cat([props, gt.to(props.dtype)])
-            m = match(box_iou(gt, props), cfg.roi_fg_iou, cfg.roi_bg_iou, allow_low_quality=False)
+            m = match(box_iou(gt, props), self.fg_iou, self.bg_iou, allow_low_quality=False)
             labels = gt_labels[m.clamp(min=0)].clone()
             labels[m == BELOW_LOW] = 0
             labels[m == BETWEEN] = -1
-            pos, neg = sample_pos_neg(labels, cfg.roi_batch_per_image, cfg.roi_positive_fraction)
+            pos, neg = sample_pos_neg(labels, self.batch_per_image, self.positive_fraction)
             keep = torch.nonzero(pos | neg).squeeze(1)  # sampled rois keep their original order
             out_boxes.append(props[keep])
             out_labels.append(labels[keep])
@@ -504,31 +522,32 @@ class BoxHead(nn.Module):
 
     def loss(self, logits, deltas, labels, reg_targets):
         """Cross-entropy mean over sampled rois; smooth-L1 (beta 1) of the gt class's deltas summed over
-        positives, divided by all sampled rois (spec 3.11)."""
+        positives, divided by all sampled rois (roi_heads/box_head/loss.py)."""
         pos = torch.nonzero(labels > 0).squeeze(1)
         cols = 4 * labels[pos, None] + torch.arange(4, device=labels.device)  # (P, 4)
         box_loss = smooth_l1(deltas[pos[:, None], cols] - reg_targets[pos], beta=1.0) / max(labels.numel(), 1)
         return {"loss_classifier": F.cross_entropy(logits, labels), "loss_box_reg": box_loss}
 
     def postprocess(self, logits, deltas, proposals, image_sizes):
-        """Softmax, decode every class, clip, per class score > thresh and NMS, cap per image (spec 3.12)."""
-        cfg, k = self.cfg, logits.shape[1]
+        """Softmax, decode every class, clip, per class score > thresh and NMS, cap per image
+        (roi_heads/box_head/inference.py, PostProcessor)."""
+        k = logits.shape[1]
         probs = F.softmax(logits, -1)
         counts = [len(p) for p in proposals]
         results = []
         for prob, delta, props, size in zip(probs.split(counts), deltas.split(counts), proposals, image_sizes):
             boxes = clip_boxes(self.coder.decode(delta, props), size).view(-1, k, 4)
             # candidates in (class, proposal) order, background skipped; strict '>' as upstream
-            cls, idx = torch.nonzero(prob[:, 1:].t() > cfg.score_thresh, as_tuple=True)
+            cls, idx = torch.nonzero(prob[:, 1:].t() > self.score_thresh, as_tuple=True)
             cls = cls + 1
             b, s = boxes[idx, cls], prob[idx, cls]
             # Class-wise NMS in one batched call: classes never suppress each other, same set as a loop. Sorting
             # the kept indices restores upstream's order (by class, then proposal index).
-            keep = ops.batched_nms(b, s, cls, cfg.nms_thresh, offset=1).sort().values
+            keep = ops.batched_nms(b, s, cls, self.nms_thresh, offset=1).sort().values
             b, s, cls = b[keep], s[keep], cls[keep]
-            if len(s) > cfg.detections_per_img > 0:
+            if len(s) > self.detections_per_img > 0:
                 # kth-smallest threshold, ties kept: may leave slightly more than the cap, as upstream
-                thresh = s.cpu().kthvalue(len(s) - cfg.detections_per_img + 1).values.item()
+                thresh = s.cpu().kthvalue(len(s) - self.detections_per_img + 1).values.item()
                 keep = torch.nonzero(s >= thresh).squeeze(1)
                 b, s, cls = b[keep], s[keep], cls[keep]
             results.append({"boxes": b, "scores": s, "labels": cls})
@@ -536,9 +555,12 @@ class BoxHead(nn.Module):
 
 
 class RoIHeads(nn.Module):
-    def __init__(self, cfg):
+    """Holds the box head only so that its keys read roi_heads.box.* as upstream's (whose RoI heads also hold
+    mask and keypoint heads)."""
+
+    def __init__(self, box):
         super().__init__()
-        self.box = BoxHead(cfg)
+        self.box = box
 
     def forward(self, feats, proposals, image_sizes, targets=None):
         return self.box(feats, proposals, image_sizes, targets)
@@ -548,17 +570,13 @@ class FasterRCNN(nn.Module):
     """model(images (N, 3, Hp, Wp) BGR-255 minus mean, zero-padded to 32; image_sizes [(h, w)]; targets
     [{"boxes": (G, 4) float32 +1 xyxy in resized pixels, "labels": (G,) int64 1..K-1}] in training).
     Training: {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}.
-    Eval: per image {"boxes" (D, 4) in resized-input pixels, "scores" (D,), "labels" (D,) int64 1..K-1}."""
+    Eval: per image {"boxes" (D, 4) in resized-input pixels, "scores" (D,), "labels" (D,) int64 1..K-1}.
+    `backbone` is Sequential(body, fpn) and the box head sits in RoIHeads only to give upstream's key prefixes
+    (backbone.body.*, backbone.fpn.*, roi_heads.box.*), so its checkpoints load by name."""
 
-    def __init__(self, cfg):
+    def __init__(self, backbone, rpn, roi_heads):
         super().__init__()
-        body = ResNet(cfg.stage_blocks, cfg.stem_channels, cfg.width_per_group, cfg.norm, cfg.freeze_at)
-        self.backbone = nn.Sequential()
-        self.backbone.add_module("body", body)
-        self.backbone.add_module("fpn", FPN(body.out_channels, cfg.fpn_channels))
-        self.rpn = RPN(cfg)
-        self.roi_heads = RoIHeads(cfg)
-        self.cfg = cfg
+        self.backbone, self.rpn, self.roi_heads = backbone, rpn, roi_heads
 
     def forward(self, images, image_sizes, targets=None):
         image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
@@ -566,17 +584,34 @@ class FasterRCNN(nn.Module):
             if targets is None:
                 raise ValueError("FasterRCNN in training mode needs targets")
             for i, t in enumerate(targets):
-                if len(t["boxes"]) == 0:  # upstream raises here too (spec 3.8); the trainer skips such batches
+                if len(t["boxes"]) == 0:  # upstream raises too (modeling/matcher.py): data.py drops such images
                     raise ValueError(f"image {i} of the batch has no ground-truth boxes")
         # channels_last: oneDNN/cuDNN convolutions run in NHWC without reordering in and out each layer
         feats = self.backbone(images.contiguous(memory_format=torch.channels_last))
         proposals, rpn_losses = self.rpn(feats, image_sizes, targets)
-        boxes = [b for b, _ in proposals]
-        out = self.roi_heads(feats[:4], boxes, image_sizes, targets)
+        out = self.roi_heads(feats[:4], proposals, image_sizes, targets)
         if self.training:
             return {**rpn_losses, **out}
         return out
 
 
 def build_model(cfg):
-    return FasterRCNN(cfg)
+    """The model of a config.Config; the one place that reads the config's model fields."""
+    body = ResNet(cfg.stage_blocks, cfg.stem_channels, cfg.width_per_group, cfg.norm, cfg.freeze_at)
+    backbone = nn.Sequential()
+    backbone.add_module("body", body)
+    backbone.add_module("fpn", FPN(body.out_channels, cfg.fpn_channels))
+    rpn = RPN(cfg.fpn_channels, cfg.anchor_sizes, cfg.anchor_strides, cfg.aspect_ratios,
+              pre_nms_top_n=(cfg.rpn_pre_nms_top_n_train, cfg.rpn_pre_nms_top_n_test),
+              post_nms_top_n=(cfg.rpn_post_nms_top_n_train, cfg.rpn_post_nms_top_n_test),
+              fpn_post_nms_top_n=(cfg.fpn_post_nms_top_n_train, cfg.fpn_post_nms_top_n_test),
+              fpn_post_nms_per_batch=cfg.fpn_post_nms_per_batch, nms_thresh=cfg.rpn_nms_thresh,
+              min_size=cfg.rpn_min_size, fg_iou=cfg.rpn_fg_iou, bg_iou=cfg.rpn_bg_iou,
+              batch_per_image=cfg.rpn_batch_per_image, positive_fraction=cfg.rpn_positive_fraction,
+              straddle_thresh=cfg.straddle_thresh)
+    box = BoxHead(cfg.fpn_channels, cfg.pooler_resolution, cfg.anchor_strides[:4], cfg.pooler_sampling_ratio,
+                  cfg.mlp_dim, cfg.num_classes, cfg.bbox_reg_weights, fg_iou=cfg.roi_fg_iou, bg_iou=cfg.roi_bg_iou,
+                  batch_per_image=cfg.roi_batch_per_image, positive_fraction=cfg.roi_positive_fraction,
+                  score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh,
+                  detections_per_img=cfg.detections_per_img)
+    return FasterRCNN(backbone, rpn, RoIHeads(box))

@@ -1,7 +1,9 @@
-"""COCO evaluation: perfect detections score AP 1.0 through our own result-writing path, and the fast
-evaluators give pycocotools' twelve numbers on real (coco_tiny) and synthetic results."""
+"""Tests of evaluate.py: detections go through predict's rescaling and coco_records' +1 to the json's boxes
+(perfect detections score AP 1.0), the fast evaluators give pycocotools' twelve numbers, folder inference runs
+as a user would, and checkpoints that do not fit are refused in one paragraph."""
 import contextlib
 import io
+import json
 import os
 import random
 
@@ -9,20 +11,24 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import config
 import data
-import demo
 import evaluate
+import model
+from conftest import COCO_TINY, needs_shared, run, script
+from test_model import tiny_cfg
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-COCO_TINY = os.path.join(HERE, "..", "shared", "datasets", "coco_tiny")
 
+class ReplayNet(torch.nn.Module):
+    """Stands in for the model: returns the next of a list of detections per image, in the loader's order."""
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("demo_eval"))
-    demo.make_demo_dataset(root, num_train=2, num_val=12)
-    return root
+    def __init__(self, dets):
+        super().__init__()
+        self.dets = iter(dets)
+
+    def forward(self, images, sizes):
+        return [next(self.dets) for _ in sizes]
 
 
 def pycocotools():
@@ -37,26 +43,26 @@ def stats(ann_file, results, evaluator):
 
 
 def perfect_records(ds, cfg):
-    """The dataset's own GT, as the model would return it on the resized image, through coco_records."""
-    results = []
-    for i in range(len(ds)):
+    """The dataset's own GT as the model would return it on the resized image, through predict and coco_records."""
+    loader = data.make_test_loader(config.get(cfg, ["test_ims_per_batch=1"], verbose=False), dataset=ds)
+    dets = []
+    for i in range(len(ds)):  # batch 1: the loader's order is the index order
         w, h = ds.sizes[i]
         nw, nh = data.resize_size(w, h, cfg.min_size_test, cfg.max_size_test)
         boxes = torch.from_numpy(ds.boxes[i]) * torch.tensor([nw / w, nh / h, nw / w, nh / h])
-        det = {"boxes": boxes, "scores": torch.ones(len(boxes)), "labels": torch.from_numpy(ds.labels[i])}
-        results += [{"image_id": ds.ids[i], **r} for r in evaluate.coco_records(det, (nh, nw), (h, w), ds.label_to_cat_id)]
-    return results
+        dets.append({"boxes": boxes, "scores": torch.ones(len(boxes)), "labels": torch.from_numpy(ds.labels[i])})
+    out = evaluate.predict(ReplayNet(dets), loader, torch.device("cpu"))
+    return [{"image_id": ds.ids[i], **r} for i in sorted(out) for r in evaluate.coco_records(out[i], ds.label_to_cat_id)]
 
 
 def test_perfect_detections_score_ap_one(demo_root):
-    cfg = config.get("demo", [f"data_root={demo_root}"], verbose=False)
+    cfg = config.get("demo", [f"data_root={demo_root}", "num_workers=0"], verbose=False)
     ds = data.make_test_loader(cfg).dataset
     results = perfect_records(ds, cfg)
     ann = os.path.join(demo_root, "annotations", "instances_val2017.json")
     s = stats(ann, results, pycocotools())
     assert s["AP"] == pytest.approx(1.0) and s["AP50"] == pytest.approx(1.0)
     # the +1 round trip gives back the json's boxes, to float32 rounding of the resize
-    import json
     gt = sorted((a["image_id"], a["category_id"], *a["bbox"]) for a in json.load(open(ann))["annotations"])
     got = sorted((r["image_id"], r["category_id"], *r["bbox"]) for r in results)
     assert len(got) == len(gt) and np.allclose(np.array(got), np.array(gt), atol=1e-3)
@@ -67,7 +73,6 @@ def test_perfect_detections_score_ap_one(demo_root):
 
 def synthetic_results(ann_file, seed=0):
     """Noisy copies of the GT plus wrong-class and random boxes, scores with ties."""
-    import json
     gt = json.load(open(ann_file))
     rng = random.Random(seed)
     cats = [c["id"] for c in gt["categories"]]
@@ -117,3 +122,62 @@ def test_evaluator_choice_prefers_exact_fast_ones():
     name = evaluate.coco_evaluator()[0]
     expected = "hotcoco" if installed("hotcoco") else "faster-coco-eval" if installed("faster_coco_eval") else "pycocotools"
     assert name == expected
+
+
+def test_coco_records_rescale_per_axis_with_plus_one(tmp_path):
+    from PIL import Image
+    path = str(tmp_path / "wide.png")
+    Image.new("RGB", (2000, 800)).save(path)
+    cfg = config.get("demo", ["min_size_test=400", "max_size_test=500", "num_workers=0"], verbose=False)
+    ds = data.ImageFiles([path], cfg)
+    loader = data.make_test_loader(cfg, dataset=ds)
+    assert next(iter(loader))[1] == [(200, 500)]
+    ds.sizes[0] = (2000, 400)  # as a json whose size disagrees with the file: x ratio 4, y ratio 2
+    det = {"boxes": torch.tensor([[10.0, 20.0, 109.0, 59.0]]), "scores": torch.tensor([0.5]),
+           "labels": torch.tensor([2])}
+    out = evaluate.predict(ReplayNet([det]), loader, torch.device("cpu"))
+    assert out[0]["boxes"].tolist() == [[40.0, 40.0, 436.0, 118.0]]  # no +1 in the rescaling, as upstream
+    rec = evaluate.coco_records(out[0], {2: 13})[0]
+    assert rec["bbox"] == pytest.approx([40.0, 40.0, 436 - 40 + 1, 118 - 40 + 1]) and rec["category_id"] == 13
+
+
+@pytest.mark.slow
+@needs_shared
+def test_folder_inference_command(tmp_path):
+    src = os.path.join(COCO_TINY, "val2017")
+    images = tmp_path / "images"
+    images.mkdir()
+    names = sorted(os.listdir(src))[:3]
+    for n in names:
+        os.symlink(os.path.join(src, n), images / n)
+    torch.manual_seed(0)
+    cfg = tiny_cfg(num_classes=81, min_size_test=160, max_size_test=256)
+    ckpt = str(tmp_path / "random.pth")
+    checkpoint.save(ckpt, model.build_model(cfg), cfg)
+    out, vis = str(tmp_path / "dets.json"), str(tmp_path / "vis")
+    # random weights score about 1/81 per class: lower the threshold so that records are written
+    res = run(script("evaluate.py", "--ckpt", ckpt, "--images", images, "--output", out, "--device", "cpu",
+                     "--vis", vis, "score_thresh=0.005", "vis_score=0.005"))
+    assert res.returncode == 0, res.stderr
+    dets = json.load(open(out))
+    assert dets and {d["file_name"] for d in dets} <= set(names)
+    from PIL import Image
+    for d in dets:
+        w, h = Image.open(images / d["file_name"]).size
+        x, y, bw, bh = d["bbox"]
+        assert d["category_id"] in evaluate.COCO_IDS and 0.005 < d["score"] <= 1
+        assert x >= 0 and y >= 0 and bw >= 1 and bh >= 1
+        assert x + bw - 1 <= w - 1 + 1e-3 and y + bh - 1 <= h - 1 + 1e-3  # clipped in resized pixels, rescaled
+    assert sorted(os.listdir(vis)) == sorted(names)
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_checkpoint_of_another_architecture(demo_root, tmp_path):
+    cfg = config.get("demo", ["num_classes=7"], verbose=False)
+    ckpt = str(tmp_path / "seven.pth")
+    checkpoint.save(ckpt, model.build_model(cfg), cfg)
+    sd = torch.load(ckpt, weights_only=True)
+    torch.save({"model": sd["model"]}, ckpt)  # upstream-style: no config, so --config demo (4 classes) applies
+    proc = run(script("evaluate.py", "--ckpt", ckpt, "--config", "demo", "--data-root", demo_root, "--device", "cpu"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "shape mismatch" in proc.stderr and "cls_score" in proc.stderr

@@ -1,28 +1,20 @@
-"""Tests of model.py, checkpoint.py and evaluate.py's folder inference: hand-worked values from
-../shared/spec/maskrcnn_benchmark.md, torchvision as an independent reference (with the +1 accounted for),
-tiny configs and small images."""
+"""Tests of model.py: hand-worked values from upstream's code (maskrcnn_benchmark/modeling/), torchvision as an
+independent reference (with the +1 accounted for), upstream's state-dict keys, tiny configs and small images."""
 import json
 import math
 import os
-import pickle
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 import torch
 import torchvision
 from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
 from torchvision.ops.misc import FrozenBatchNorm2d as TVFrozenBN
 
-import checkpoint
 import config
 import model
 import ops
+from conftest import SHARED, needs_shared
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(ROOT, "..", "shared")
-needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared (fixtures, coco_tiny) is absent")
 PLUS1 = torch.tensor([0.0, 0.0, 1.0, 1.0])  # +1 boxes -> torchvision's half-open convention
 
 
@@ -55,14 +47,14 @@ def test_state_dict_keys_and_shapes_equal_fixture(preset):
     sd = m.state_dict()
     assert list(sd) == [k["key"] for k in fixture]  # order too: upstream's module tree
     assert {k: list(v.shape) for k, v in sd.items()} == {k["key"]: k["shape"] for k in fixture}
-    if preset == "R-101-FPN":  # spec section 2 and 4.3
+    if preset == "R-101-FPN":  # upstream's parameter counts
         assert sum(p.numel() for p in m.parameters()) == 60_643_940
         assert sum(p.numel() for p in m.parameters() if p.requires_grad) == 60_421_540
         assert sum(1 for p in m.parameters() if p.requires_grad) == 123
 
 
-def test_anchors_equal_spec_table():
-    table = [  # spec 3.4, rows r = 0.5, 1, 2
+def test_anchors_equal_upstream_table():
+    table = [  # Detectron's generate_anchors for P2..P6, rows r = 0.5, 1, 2
         [[-22, -10, 25, 13], [-14, -14, 17, 17], [-10, -22, 13, 25]],
         [[-40, -20, 47, 27], [-28, -28, 35, 35], [-20, -44, 27, 51]],
         [[-84, -40, 99, 55], [-56, -56, 71, 71], [-36, -80, 51, 95]],
@@ -263,10 +255,10 @@ def test_training_proposals_are_selected_per_batch():
     m = model.build_model(cfg).train()
     feats = m.backbone(torch.randn(2, 3, 128, 128))
     props, _ = m.rpn(feats, [(128, 128), (128, 128)], targets_for([(128, 128)] * 2))
-    assert sum(len(b) for b, _ in props) == 70  # upstream quirk: the top-n spans the batch (spec 3.7)
-    m.rpn.cfg = tiny_cfg(fpn_post_nms_top_n_train=70, fpn_post_nms_per_batch=False)
+    assert sum(len(b) for b in props) == 70  # upstream quirk (rpn/inference.py): the top-n spans the batch
+    m.rpn.fpn_post_nms_per_batch = False
     props, _ = m.rpn(feats, [(128, 128), (128, 128)], targets_for([(128, 128)] * 2))
-    assert [len(b) for b, _ in props] == [70, 70]
+    assert [len(b) for b in props] == [70, 70]
 
 
 def test_training_refuses_an_image_without_boxes():
@@ -274,168 +266,3 @@ def test_training_refuses_an_image_without_boxes():
     targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
     with pytest.raises(ValueError, match="image 0"):
         m(torch.randn(1, 3, 64, 64), [(64, 64)], targets)
-
-
-# ---- checkpoints
-
-
-def test_upstream_checkpoint_with_module_prefix_loads(tmp_path, capsys):
-    torch.manual_seed(0)
-    src = model.build_model(tiny_cfg())
-    path = str(tmp_path / "upstream.pth")
-    torch.save({"model": {"module." + k: v for k, v in src.state_dict().items()}, "iteration": 90000}, path)
-    dst = model.build_model(tiny_cfg())
-    checkpoint.load_weights(dst, path)
-    for k, v in src.state_dict().items():
-        assert torch.equal(dst.state_dict()[k], v), k
-    torch.save(src.state_dict(), path)  # a bare state dict
-    checkpoint.load_weights(model.build_model(tiny_cfg()), path)
-    # a partial or wrong-shaped file is refused by name
-    sd = dict(src.state_dict())
-    sd.pop("rpn.head.conv.bias")
-    sd["extra.weight"] = torch.zeros(1)
-    torch.save({"model": sd}, path)
-    with pytest.raises(checkpoint.CheckpointError, match=r"missing 1: rpn.head.conv.bias(.|\n)*unexpected 1: extra"):
-        checkpoint.load_weights(model.build_model(tiny_cfg()), path)
-    torch.save(src.state_dict(), path)
-    other = model.build_model(tiny_cfg(num_classes=3))
-    with pytest.raises(checkpoint.CheckpointError, match="cls_score.weight .file .5, 32., model .3, 32"):
-        checkpoint.load_weights(other, path)
-    checkpoint.load_weights(other, path, skip_predictor=True)
-    assert "not loading the class-dependent predictor" in capsys.readouterr().out
-    assert torch.equal(other.backbone.body.layer4[0].conv2.weight, src.backbone.body.layer4[0].conv2.weight)
-
-
-def test_own_checkpoint_round_trip(tmp_path):
-    cfg = tiny_cfg(base_lr=0.005)
-    m = model.build_model(cfg)
-    path = str(tmp_path / "ours.pth")
-    checkpoint.save(path, m, cfg, iteration=7, optimizer={"state": {}})
-    ckpt = checkpoint.load(path)
-    assert ckpt["iteration"] == 7 and config.from_dict(ckpt["config"]) == cfg
-    assert not os.path.exists(path + ".tmp")
-    m2 = model.build_model(config.from_dict(ckpt["config"]))
-    checkpoint.load_state(m2, checkpoint.model_state(ckpt), path)
-    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
-
-
-def detectron_blobs(stage_blocks, stem, width, gen):
-    """Blob names of Detectron's ImageNet ResNet (spec 4.4), tiny shapes: conv biases, a classifier and
-    momentum blobs included, as the real file may hold them."""
-    def arr(*shape):
-        return gen.standard_normal(shape).astype(np.float32)
-    blobs = {"conv1_w": arr(stem, 3, 7, 7), "conv1_b": arr(stem), "res_conv1_bn_s": arr(stem),
-             "res_conv1_bn_b": arr(stem), "pred_w": arr(10, 8), "pred_b": arr(10), "conv1_w_momentum": arr(stem)}
-    cin = stem
-    for s, n in enumerate(stage_blocks):
-        mid, out = width * 2 ** s, width * 4 * 2 ** s
-        for i in range(n):
-            p = f"res{s + 2}_{i}_"
-            shapes = {"branch2a": (mid, cin if i == 0 else out, 1, 1), "branch2b": (mid, mid, 3, 3),
-                      "branch2c": (out, mid, 1, 1)}
-            if i == 0:
-                shapes["branch1"] = (out, cin, 1, 1)
-            for br, shape in shapes.items():
-                blobs.update({p + br + "_w": arr(*shape), p + br + "_b": arr(shape[0]),
-                              p + br + "_bn_s": arr(shape[0]), p + br + "_bn_b": arr(shape[0])})
-        cin = out
-    return blobs
-
-
-def test_detectron_pickle_round_trip_loads_312_for_r101(tmp_path):
-    cfg = tiny_cfg(stage_blocks=(3, 4, 23, 3))  # R-101's names at toy widths
-    blobs = detectron_blobs(cfg.stage_blocks, cfg.stem_channels, cfg.width_per_group, np.random.default_rng(0))
-    path = str(tmp_path / "R-101.pkl")
-    with open(path, "wb") as f:
-        pickle.dump({"blobs": blobs}, f, protocol=2)  # Detectron's files are Python-2 pickles
-    m = model.build_model(cfg)
-    fpn_before = m.backbone.fpn.fpn_inner1.weight.clone()
-    assert checkpoint.load_detectron_pickle(m, path) == 312
-    body = m.backbone.body
-    assert np.array_equal(body.stem.conv1.weight.detach().numpy(), blobs["conv1_w"])
-    assert np.array_equal(body.stem.bn1.weight.detach().numpy(), blobs["res_conv1_bn_s"])
-    assert np.array_equal(body.layer3[22].conv2.weight.detach().numpy(), blobs["res4_22_branch2b_w"])
-    assert np.array_equal(body.layer1[0].downsample[1].bias.detach().numpy(), blobs["res2_0_branch1_bn_b"])
-    assert np.array_equal(body.layer4[2].bn3.bias.detach().numpy(), blobs["res5_2_branch2c_bn_b"])
-    assert (body.layer2[1].bn1.running_var == 1).all() and (body.layer2[1].bn1.running_mean == 0).all()
-    assert torch.equal(m.backbone.fpn.fpn_inner1.weight, fpn_before)
-    # R-50's pickle into R-101 fails with a clear error, not upstream's silent suffix mix-up
-    with open(path, "wb") as f:
-        pickle.dump(detectron_blobs((3, 4, 6, 3), 8, 8, np.random.default_rng(0)), f, protocol=2)
-    with pytest.raises(checkpoint.CheckpointError, match="shape"):
-        checkpoint.load_detectron_pickle(m, path)
-
-
-class Payload:
-    def __reduce__(self):
-        return (os.system, ("echo pwned > /dev/null",))
-
-
-def test_pickle_with_payload_is_refused(tmp_path):
-    path = str(tmp_path / "evil.pkl")
-    with open(path, "wb") as f:
-        pickle.dump({"blobs": {"conv1_w": np.zeros((1,), np.float32), "x": Payload()}}, f, protocol=2)
-    with pytest.raises(checkpoint.CheckpointError, match=r"evil.pkl.*global '(posix|os|nt)\.system' is not allowed"):
-        checkpoint.read_pickle(path)
-    pth = str(tmp_path / "evil.pth")
-    torch.save({"model": {"a": torch.zeros(1)}, "x": Payload()}, pth)
-    with pytest.raises(checkpoint.CheckpointError, match="refusing to load"):
-        checkpoint.load(pth)
-
-
-# ---- folder inference, end to end
-
-
-@needs_shared
-def test_folder_inference_command(tmp_path):
-    src = os.path.join(SHARED, "datasets", "coco_tiny", "val2017")
-    images = tmp_path / "images"
-    images.mkdir()
-    names = sorted(os.listdir(src))[:3]
-    for n in names:
-        os.symlink(os.path.join(src, n), images / n)
-    torch.manual_seed(0)
-    cfg = tiny_cfg(num_classes=81, min_size_test=160, max_size_test=256)
-    ckpt = str(tmp_path / "random.pth")
-    checkpoint.save(ckpt, model.build_model(cfg), cfg)
-    out, vis = str(tmp_path / "dets.json"), str(tmp_path / "vis")
-    # random weights score about 1/81 per class: lower the threshold so that records are written
-    cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--ckpt", ckpt, "--images", str(images), "--output",
-           out, "--device", "cpu", "--vis", vis, "score_thresh=0.005"]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert res.returncode == 0, res.stderr
-    dets = json.load(open(out))
-    assert dets and {d["file_name"] for d in dets} <= set(names)
-    import evaluate
-    from PIL import Image
-    for d in dets:
-        w, h = Image.open(images / d["file_name"]).size
-        x, y, bw, bh = d["bbox"]
-        assert d["category_id"] in evaluate.COCO_IDS and 0.005 < d["score"] <= 1
-        assert x >= 0 and y >= 0 and bw >= 1 and bh >= 1
-        assert x + bw - 1 <= w - 1 + 1e-3 and y + bh - 1 <= h - 1 + 1e-3  # clipped in resized pixels, rescaled
-    assert sorted(os.listdir(vis)) == sorted(names)
-
-
-def test_coco_records_rescale_per_axis_with_plus_one():
-    import evaluate
-    det = {"boxes": torch.tensor([[10.0, 20.0, 109.0, 59.0]]), "scores": torch.tensor([0.5]),
-           "labels": torch.tensor([12])}
-    rec = evaluate.coco_records(det, (400, 500), (800, 2000), {12: 13})[0]  # x ratio 4, y ratio 2
-    assert rec["bbox"] == pytest.approx([40.0, 40.0, 436 - 40 + 1, 118 - 40 + 1]) and rec["category_id"] == 13
-
-
-# ---- config overrides
-
-
-def test_config_overrides_type_check_and_closest_names(capsys):
-    cfg = config.get("R-50-FPN", ["base_lr=0.01", "--max_iter", "100", "stage_blocks=(1,1,1,1)", "amp=bf16"])
-    assert (cfg.base_lr, cfg.max_iter, cfg.stage_blocks, cfg.amp) == (0.01, 100, (1, 1, 1, 1), "bf16")
-    assert "max_iter = 100" in capsys.readouterr().out
-    with pytest.raises(config.ConfigError, match="'max_iter' expects int"):
-        config.get("R-101-FPN", ["max_iter=1.5"])
-    with pytest.raises(config.ConfigError, match="did you mean base_lr"):
-        config.get("R-101-FPN", ["base_lrr=0.1"])
-    with pytest.raises(config.ConfigError, match="unknown config preset"):
-        config.get("R-152")
-    assert config.from_dict(config.to_dict(cfg)) == cfg

@@ -1,6 +1,6 @@
 """Train Faster R-CNN with maskrcnn-benchmark's recipe, on one process or many.
 
-    python train.py --config demo                      # built-in demo: generated shapes, CPU, ~5 minutes
+    python train.py --config demo                      # built-in demo: generated shapes, CPU, ~3-5 minutes
     python train.py --config R-101-FPN weights=R-101.pkl data_root=datasets/coco device=cuda
     torchrun --nproc_per_node 8 train.py --config R-101-FPN weights=R-101.pkl device=cuda
     torchrun --nnodes 2 --node_rank R --master_addr HOST --master_port 29500 --nproc_per_node 8 train.py ...
@@ -11,7 +11,6 @@ Any config field can be overridden as key=value or --key value (see config.py). 
 newest loadable checkpoint in output_dir: model, optimizer, iteration, sampler position and RNG.
 One pass: config, distributed setup, seed, data, model, optimizer, resume, loop, checkpoints, evaluation.
 """
-import argparse
 import datetime
 import json
 import os
@@ -24,9 +23,10 @@ import torch.distributed as dist
 import checkpoint
 import config
 import data
-import demo
 import evaluate
+import launch
 import model as model_lib
+
 
 def get_lr(it, cfg):
     """Learning rate of weights at iteration it (0-based): upstream's WarmupMultiStepLR, linear warmup from
@@ -50,16 +50,6 @@ def make_optimizer(model, cfg):
     return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.base_lr, momentum=cfg.momentum)
 
 
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    if device.type == "mlu":
-        return torch.mlu.max_memory_allocated(device) / 2**20
-    import resource  # CPU: the process's peak resident set, in KiB on Linux
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def reduce_losses(losses, world_size):
     """Average each loss over ranks, for logging only."""
     values = torch.stack([v.detach().float() for v in losses.values()])
@@ -69,39 +59,46 @@ def reduce_losses(losses, world_size):
     return dict(zip(losses, values.tolist()))
 
 
+def save_checkpoint(it, model, optimizer, scaler, loader, cfg, rank, world_size):
+    """Every rank's RNG state gathered, then rank 0 writes model_{it}.pth. Non-finite weights are never saved."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:  # a step with a finite loss can still overflow the weights: never checkpoint those
+        raise FloatingPointError(f"non-finite weights after iteration {it} ({', '.join(bad[:4])}"
+                                 f"{' ...' if len(bad) > 4 else ''}); nothing saved: the newest checkpoint in "
+                                 f"{cfg.output_dir} is the last good state; lower base_lr or check the data")
+    rng = [torch.get_rng_state()]  # every rank's, so each resumes its own random stream
+    if world_size > 1:
+        rng = [None] * world_size
+        dist.all_gather_object(rng, torch.get_rng_state())
+    if rank == 0:
+        extra = {"scaler": scaler.state_dict()} if scaler else {}
+        checkpoint.save_training(cfg.output_dir, it, model, optimizer, cfg, keep=cfg.keep_checkpoints,
+                                 sampler=loader.state(it), rng=rng, **extra)
+
+
+def write_log(cfg, rank, record):
+    """One JSON line in output_dir/log.jsonl (rank 0 only)."""
+    if rank == 0:
+        with open(os.path.join(cfg.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="R-101-FPN", help=f"preset: {', '.join(config.PRESETS)}")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    args, overrides = parser.parse_known_args(argv)
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cfg = config.get(args.config, overrides, verbose=rank == 0)
-    device = evaluate.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    p = config.parser(__doc__)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    args, overrides = config.parse(p, argv)
+    rank, world_size, local_rank = launch.env()
+    cfg = config.get(args.config or "R-101-FPN", overrides, verbose=rank == 0)
+    device = launch.device(cfg.device, local_rank)
     if cfg.ims_per_batch % world_size:
         raise config.ConfigError(f"ims_per_batch={cfg.ims_per_batch} is not divisible by {world_size} processes: "
                                  f"set ims_per_batch to a multiple of {world_size}")
-    if world_size > 1:
-        evaluate.init_distributed(device, rank, world_size)
+    launch.init_process_group(device, rank, world_size)
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    log_path = os.path.join(cfg.output_dir, "log.jsonl")
-
-    def log(record):
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    # ---- data (the demo writes its data set once, on rank 0)
-    if cfg.data_root == config.PRESETS["demo"].data_root and rank == 0 and not os.path.isfile(
-            os.path.join(cfg.data_root, "annotations", f"instances_{cfg.val_split}.json")):  # written last
-        demo.make_demo_dataset(cfg.data_root)
-    if world_size > 1:
-        dist.barrier()
     # ---- model, optimizer, resume
     model = model_lib.build_model(cfg).to(device)
     optimizer = make_optimizer(model, cfg)
-    if cfg.amp not in ("", "bf16", "fp16"):
-        raise config.ConfigError(f"amp={cfg.amp!r}: use amp= (FP32), amp=bf16 or amp=fp16")
     autocast = dict(fp16=torch.float16, bf16=torch.bfloat16).get(cfg.amp)
     scaler = None
     if cfg.amp == "fp16":  # torch.amp.GradScaler(device) is torch 2.3+; cuda's own before that
@@ -118,44 +115,27 @@ def main(argv=None):
         print(f"train: --resume found no checkpoint in {cfg.output_dir}: starting from iteration 0")
     if not resumed and cfg.weights:
         checkpoint.load_detectron_pickle(model, cfg.weights)
+    # ---- data
     loader = data.make_train_loader(cfg, rank, world_size, start_iter, sampler_state)
     batches = iter(loader)  # creating the iterator draws from the global RNG: do it before restoring it
     if resumed:
         torch.set_rng_state(state["rng"][rank % len(state["rng"])])
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    lr_scale = cfg.ims_per_batch / 16
     if rank == 0:
         print(f"train: {world_size} process(es) on {device}, {cfg.ims_per_batch} images per iteration, "
-              f"lr {cfg.base_lr} x {cfg.ims_per_batch}/16 = {cfg.base_lr * lr_scale:g} (linear scaling), "
-              f"iterations {start_iter} -> {cfg.max_iter}" + (f", resumed from {resumed}" if resumed else ""))
-        log({"config": config.to_dict(cfg), "resumed_from": resumed, "world_size": world_size,
-             "versions": {"python": platform.python_version(), "torch": torch.__version__}})
-
-    def save(it):
-        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:  # a step with a finite loss can still overflow the weights: never checkpoint those
-            raise FloatingPointError(f"non-finite weights after iteration {it} ({', '.join(bad[:4])}"
-                                     f"{' ...' if len(bad) > 4 else ''}); nothing saved: the newest checkpoint in "
-                                     f"{cfg.output_dir} is the last good state; lower base_lr or check the data")
-        rng = [torch.get_rng_state()]  # every rank's, so each resumes its own random stream
-        if world_size > 1:
-            rng = [None] * world_size
-            dist.all_gather_object(rng, torch.get_rng_state())
-        if rank == 0:
-            extra = {"scaler": scaler.state_dict()} if scaler else {}
-            checkpoint.save_training(cfg.output_dir, it, model, optimizer, cfg, keep=cfg.keep_checkpoints,
-                                     sampler=loader.state(it), rng=rng, **extra)
-
+              f"lr {cfg.base_lr} x {cfg.ims_per_batch}/16 = {cfg.base_lr * cfg.ims_per_batch / 16:g} (linear "
+              f"scaling), iterations {start_iter} -> {cfg.max_iter}" + (f", resumed from {resumed}" if resumed else ""))
+    write_log(cfg, rank, {"config": config.to_dict(cfg), "resumed_from": resumed, "world_size": world_size,
+                          "versions": {"python": platform.python_version(), "torch": torch.__version__}})
     # ---- the loop
     model.train()
     end = time.time()
     data_time = iter_time = 0.0
     skipped = 0  # unreadable images passed over by this rank's loader (data.py warns once per file)
     for it, (images, image_sizes, targets, _) in zip(range(start_iter, cfg.max_iter), batches):
-        images = images.to(device, non_blocking=True)
-        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items() if k in ("boxes", "labels")}
-                   for t in targets]
         skipped += sum(len(t.get("skipped", ())) for t in targets)
+        images = images.to(device, non_blocking=True)
+        targets = [{k: t[k].to(device, non_blocking=True) for k in ("boxes", "labels")} for t in targets]
         data_time += time.time() - end
         lr = get_lr(it, cfg)
         for group in optimizer.param_groups:
@@ -182,31 +162,27 @@ def main(argv=None):
             values = reduce_losses(losses, world_size)
             n = cfg.log_period if done % cfg.log_period == 0 else done % cfg.log_period or cfg.log_period
             record = {"iter": done, "lr": lr, **values, "loss": sum(values.values()), "time": iter_time / n,
-                      "data_time": data_time / n, "memory_mb": peak_memory_mb(device), "skipped_images": skipped}
+                      "data_time": data_time / n, "memory_mb": launch.peak_memory_mb(device), "skipped_images": skipped}
             eta = datetime.timedelta(seconds=int(record["time"] * (cfg.max_iter - done)))
             if rank == 0:
                 print(f"iter {done}/{cfg.max_iter}  lr {lr:.5f}  " + "  ".join(f"{k} {v:.4f}" for k, v in values.items())
                       + f"  loss {record['loss']:.4f}  time {record['time']:.3f}s  data {record['data_time']:.3f}s"
                       f"  mem {record['memory_mb']:.0f}MB  eta {eta}" + (f"  skipped {skipped}" if skipped else ""),
                       flush=True)
-            log(record)
+            write_log(cfg, rank, record)
             data_time = iter_time = 0.0
         if done % cfg.checkpoint_period == 0 or done == cfg.max_iter:
-            save(done)
+            save_checkpoint(done, model, optimizer, scaler, loader, cfg, rank, world_size)
         if cfg.eval_period and done % cfg.eval_period == 0 and done != cfg.max_iter:
-            log({"iter": done, "eval": evaluate.evaluate_coco(model, cfg, device, rank, world_size)})
+            write_log(cfg, rank, {"iter": done, "eval": evaluate.evaluate_coco(model, cfg, device, rank, world_size)})
             model.train()
-    # ---- final evaluation, and the demo's picture of predictions
     metrics = evaluate.evaluate_coco(model, cfg, device, rank, world_size)
-    log({"iter": cfg.max_iter, "eval": metrics})
-    if args.config == "demo" and rank == 0:
-        vis_dir = os.path.join(cfg.output_dir, "vis")
-        evaluate.visualize_split(model, cfg, device, vis_dir, count=8)
-        print(f"demo: checkpoint, log.jsonl and predictions on validation images ({vis_dir}) are in {cfg.output_dir}")
-    if world_size > 1:
-        dist.destroy_process_group()
+    write_log(cfg, rank, {"iter": cfg.max_iter, "eval": metrics})
+    if rank == 0:
+        print(f"train: done; checkpoints, log.jsonl and the evaluation's results are in {cfg.output_dir}")
+    launch.finish(world_size)
     return metrics
 
 
 if __name__ == "__main__":
-    config.run_cli(main)
+    launch.run_cli(main)

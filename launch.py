@@ -1,0 +1,95 @@
+"""Process plumbing shared by train.py and evaluate.py: who this process is under torchrun, its device, the
+process group, device synchronisation and peak memory, and the error wrapper that turns a user's mistake into one
+paragraph and exit code 2.
+
+    rank, world_size, local_rank = launch.env()          # 0, 1, 0 without torchrun
+    device = launch.device(cfg.device, local_rank)       # or a ConfigError saying what to use instead
+    launch.init_process_group(device, rank, world_size)  # gloo, nccl or cncl; nothing for one process
+    ...
+    launch.finish(world_size)
+
+    if __name__ == "__main__":
+        launch.run_cli(main)
+"""
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import config
+
+
+def env():
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) for a plain python process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def device(name, local_rank=0):
+    """torch.device for "cpu", "cuda" or "mlu", card local_rank, made current; a ConfigError when it is absent.
+    Never falls back to another device: a run on the wrong device is worse than no run."""
+    kind = name.split(":")[0]
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "mlu":
+        try:
+            import torch_mlu  # noqa: F401  registers the "mlu" device and torch.mlu
+        except ImportError:
+            raise config.ConfigError("device=mlu needs torch_mlu (Cambricon's PyTorch image); "
+                                     "use device=cpu or device=cuda on this machine") from None
+    module = getattr(torch, kind, None)
+    if module is None:
+        raise config.ConfigError(f"device {name!r} is not one of {', '.join(config.CHOICES['device'])}")
+    count = module.device_count() if module.is_available() else 0
+    if local_rank >= count:
+        raise config.ConfigError(f"device={kind}: card {local_rank} is not available here ({count} cards seen); "
+                                 "use device=cpu, or fewer processes per node")
+    module.set_device(local_rank)
+    return torch.device(kind, local_rank)
+
+
+def init_process_group(device, rank, world_size):
+    """The process group from torchrun's environment, with the backend that matches the device; nothing when
+    world_size is 1."""
+    if world_size == 1:
+        return
+    # Each torchrun restart keeps its keys under its own prefix: a restarted group must not read the addresses
+    # the previous (dead) round published in the same store.
+    timeout = datetime.timedelta(minutes=30)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
+                          timeout=timeout)
+    store = dist.PrefixStore(f"frcnn_restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    backend = {"cpu": "gloo", "cuda": "nccl", "mlu": "cncl"}[device.type]
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
+def finish(world_size):
+    if world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def synchronize(device):
+    """Wait for the device's queued work (timing)."""
+    if device.type in ("cuda", "mlu"):
+        getattr(torch, device.type).synchronize(device)
+
+
+def peak_memory_mb(device):
+    """Peak memory of this process in MiB: allocated on an accelerator, the resident set on the CPU."""
+    if device.type in ("cuda", "mlu"):
+        return getattr(torch, device.type).max_memory_allocated(device) / 2**20
+    import resource  # CPU: the process's peak resident set, in KiB on Linux
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_cli(main):
+    """Run a script's main; a mistake that is the user's to fix ends in one paragraph on stderr and exit code 2,
+    while an internal bug keeps its traceback."""
+    try:
+        main()
+    except (config.UserError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
