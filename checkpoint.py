@@ -1,11 +1,11 @@
 """Weights in and out: upstream maskrcnn-benchmark checkpoints (.pth, maskrcnn_benchmark/utils/checkpoint.py),
 Detectron's ImageNet pickles (R-50.pkl, R-101.pkl; utils/c2_model_loading.py) and our own checkpoints.
 
-    load_weights(model, "e2e_faster_rcnn_R_101_FPN_1x.pth")   # upstream or ours; refuses a partial load
-    load_weights(model, "ours.pth", skip_predictor=True)       # fine-tune with another class count
-    load_detectron_pickle(model, "R-101.pkl")                  # backbone init; 312 tensors for R-101
+    load_weights(model, "R-101.pkl")              # Detectron ImageNet backbone; 312 tensors for R-101
+    load_weights(model, "e2e_faster_rcnn_R_101_FPN_1x.pth")   # upstream's or ours; a partial load is refused,
+                                                  # but another class count skips the predictor, saying so
     save(path, model, cfg, optimizer=..., iteration=...)       # one dict, written atomically
-    ckpt = load(path)                                          # {"model", "config"?, ...}
+    ckpt = load(path)                             # {"model", "config"?, "categories"?, ...}
 
 Loading never runs code from the file: torch.load(weights_only=True), and a restricted unpickler for pickles.
 """
@@ -19,6 +19,8 @@ import torch
 import config
 
 PREDICTOR_KEYS = ("roi_heads.box.predictor.cls_score.", "roi_heads.box.predictor.bbox_pred.")
+IMAGENET_URL = "https://dl.fbaipublicfiles.com/detectron/ImageNetPretrained/MSRA/R-101.pkl (or R-50.pkl)"
+DETECTOR_URL = "https://download.pytorch.org/models/maskrcnn/e2e_faster_rcnn_R_101_FPN_1x.pth (or R_50_FPN)"
 
 
 class CheckpointError(config.UserError, RuntimeError):
@@ -34,6 +36,9 @@ def load(path):
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"refusing to load {path!r}: it holds objects other than tensors and plain "
                               f"containers ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as e:  # torch's zip reader: truncated, corrupt or not a checkpoint
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {str(e).splitlines()[0][:200]} (truncated or "
+                              f"not a PyTorch file?)") from None
 
 
 def model_state(ckpt):
@@ -61,7 +66,7 @@ def _describe(model):
     return blocks, model.roi_heads.box.predictor.cls_score.out_features
 
 
-def load_state(model, sd, source, skip_predictor=False):
+def load_state(model, sd, source, skip_predictor=False, verbose=True):
     """Load sd into model by exact name. Missing, unexpected and shape-mismatched keys are reported by name and
     refused, so the model never runs half-loaded. skip_predictor leaves cls_score and bbox_pred at their
     initialisation (fine-tuning with another class count) and says so."""
@@ -69,8 +74,9 @@ def load_state(model, sd, source, skip_predictor=False):
     if skip_predictor:
         skipped = sorted(k for k in own if k.startswith(PREDICTOR_KEYS))
         sd = {k: v for k, v in sd.items() if not k.startswith(PREDICTOR_KEYS)}
-        print(f"checkpoint: not loading the class-dependent predictor layers ({', '.join(skipped)}); "
-              f"they keep their initialisation for {_describe(model)[1]} classes")
+        if verbose:
+            print(f"checkpoint: {source} has another class count: not loading its predictor "
+                  f"({', '.join(skipped)}), which keeps its initialisation for {_describe(model)[1]} classes")
     missing = [k for k in own if k not in sd and not (skip_predictor and k.startswith(PREDICTOR_KEYS))]
     unexpected = [k for k in sd if k not in own]
     mismatched = [f"{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})"
@@ -85,7 +91,8 @@ def load_state(model, sd, source, skip_predictor=False):
         if mismatched:
             lines.append(f"  shape mismatch {len(mismatched)}: {_names(mismatched)}")
         if any(k.startswith(PREDICTOR_KEYS) for k in mismatched) and not skip_predictor:
-            lines.append("  (another class count? load with skip_predictor=True to fine-tune)")
+            lines.append("  (another class count: to fine-tune, pass the file to train.py as weights=, which skips "
+                         "the predictor; to evaluate, set num_classes to the checkpoint's)")
         raise CheckpointError("\n".join(lines))
     with torch.no_grad():
         for k, v in sd.items():
@@ -93,25 +100,47 @@ def load_state(model, sd, source, skip_predictor=False):
     return len(sd)
 
 
-def load_weights(model, path, skip_predictor=False):
-    """Load an upstream .pth (with or without "module.") or one of ours into model; returns the checkpoint."""
-    ckpt = load(path)
-    n = load_state(model, model_state(ckpt), repr(path), skip_predictor)
-    print(f"checkpoint: loaded {n} tensors from {path}")
-    return ckpt
+def load_weights(model, path, verbose=True):
+    """Initial weights for training: a Detectron ImageNet pickle (.pkl), or a detector checkpoint (upstream's
+    .pth, with or without "module.", or one of ours), whose class-dependent predictor is skipped, saying so,
+    when its class count differs from the model's (fine-tuning). Everything else must fit exactly."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"weights {path!r} not found. ImageNet backbones: {IMAGENET_URL}; the released "
+                              f"detectors: {DETECTOR_URL}")
+    if path.endswith(".pkl"):
+        return load_detectron_pickle(model, path, verbose)
+    sd = model_state(load(path))
+    own = model.state_dict()
+    skip = any(k.startswith(PREDICTOR_KEYS) and k in own and v.shape != own[k].shape for k, v in sd.items())
+    n = load_state(model, sd, repr(path), skip_predictor=skip, verbose=verbose)
+    if verbose:
+        print(f"checkpoint: loaded {n} tensors from {path}")
+    return n
 
 
 def save(path, model, cfg, **extra):
     """One dict: the unwrapped model's state, the resolved config and whatever resuming needs (optimizer,
-    iteration, ...). Written to a temporary file and renamed, so a crash never leaves a half-written file."""
+    iteration, ...). Written to a temporary file and renamed, so a crash never leaves a half-written file; a
+    failed write (a full disk) removes the temporary file and raises a CheckpointError naming the file."""
     model = getattr(model, "module", model)  # DistributedDataParallel
     ckpt = {"model": model.state_dict(), "config": config.to_dict(cfg), **extra}
+    _atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def _atomic_write(path, write):
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CheckpointError(f"cannot write {path} in output_dir {os.path.dirname(path) or '.'}: "
+                              f"{e.strerror or e} (errno {e.errno}); the partial file was removed and the earlier "
+                              f"checkpoints are intact: free space, then continue with --resume") from None
 
 
 # ---- training checkpoints: output_dir/model_{iteration:07d}.pth, newest K kept
@@ -125,10 +154,11 @@ def training_checkpoints(out_dir):
 
 
 def save_training(out_dir, iteration, model, optimizer, cfg, keep=3, **extra):
-    """Write model_{iteration}.pth (model, config, optimizer, iteration, extra) and delete all but the newest
-    keep checkpoints."""
+    """Write model_{iteration}.pth (model, config, optimizer, iteration, extra), point last_checkpoint at it (as
+    upstream's Checkpointer does; --resume itself lists the folder) and delete all but the newest keep."""
     path = os.path.join(out_dir, f"model_{iteration:07d}.pth")
     save(path, model, cfg, optimizer=optimizer.state_dict(), iteration=iteration, **extra)
+    _atomic_write(os.path.join(out_dir, "last_checkpoint"), lambda f: f.write(os.path.basename(path).encode()))
     for old in training_checkpoints(out_dir)[max(keep, 1):]:
         os.remove(old)
     return path
@@ -215,7 +245,7 @@ def rename_caffe2(name):
     return s.replace("rpn.", "rpn.head.")
 
 
-def load_detectron_pickle(model, path):
+def load_detectron_pickle(model, path, verbose=True):
     """Load Detectron ImageNet weights with upstream's renaming and suffix matching (for each model key the
     longest loaded name it ends with). Returns the number of model tensors loaded (312 for R-101); everything
     else (running stats, FPN, RPN, box head) keeps its initialisation, as upstream."""
@@ -236,7 +266,8 @@ def load_detectron_pickle(model, path):
             loaded += 1
             used.add(name)
     unused = sorted(set(blobs) - used)
-    print(f"checkpoint: loaded {loaded} tensors from {path}; unused blobs: {_names(unused, 6) or 'none'}")
+    if verbose:
+        print(f"checkpoint: loaded {loaded} tensors from {path}; unused blobs: {_names(unused, 6) or 'none'}")
     if loaded == 0:
         raise CheckpointError(f"{path!r}: no blob matched a model key; is it a Detectron ImageNet pickle?")
     return loaded

@@ -36,7 +36,7 @@ class Config:
     norm: str = "frozen_bn"  # "frozen_bn" (upstream: fixed affine, no eps) or "gn" (GroupNorm 32, trainable)
     freeze_at: int = 2  # stages with requires_grad False: 0 none, 1 stem, 2 stem + layer1
     fpn_channels: int = 256  # FPN width (BACKBONE_OUT_CHANNELS)
-    num_classes: int = 81  # box-head classes including background 0 (COCO: 80 + 1)
+    num_classes: int = 81  # box-head classes including background 0: the json's categories + 1 (COCO: 80 + 1)
 
     # ---- anchors and RPN
     anchor_sizes: tuple = (32, 64, 128, 256, 512)  # anchor side in resized-image pixels, one per level P2..P6
@@ -55,6 +55,8 @@ class Config:
     #   fpn_post_nms_per_batch (upstream quirk, use 1000 x images per device), else per image
     fpn_post_nms_top_n_test: int = 1000  # proposals kept over all levels per image, test
     fpn_post_nms_per_batch: bool = True  # upstream default: the training top-n spans the device's batch
+    scale_fpn_post_nms_train: bool = True  # with fpn_post_nms_per_batch, train.py scales fpn_post_nms_top_n_train
+    #   by images per device / 2 (upstream tuned 2000 for 2 per device; maskrcnn-benchmark issue 672)
     rpn_nms_thresh: float = 0.7  # IoU threshold of the RPN's per-level NMS
     rpn_min_size: int = 0  # proposals narrower than this many pixels are removed (0: none)
 
@@ -115,7 +117,9 @@ class Config:
     log_period: int = 20  # iterations between log lines
     amp: str = ""  # "" (FP32, upstream), "bf16" or "fp16" autocast
     seed: int = 0  # base random seed (each rank adds its rank)
-    weights: str = ""  # backbone init: a Detectron ImageNet pickle such as R-101.pkl ("" = from scratch)
+    weights: str = "R-101.pkl"  # initial weights: Detectron's ImageNet pickle (R-101.pkl, R-50.pkl), or a
+    #   detector checkpoint to fine-tune (upstream's .pth or ours; another class count skips the predictor);
+    #   "" = from scratch, refused when layers are frozen (freeze_at > 0 or norm=frozen_bn)
     output_dir: str = "output"  # checkpoints, logs and results
 
     # ---- test
@@ -130,10 +134,10 @@ CHOICES = {"norm": ("frozen_bn", "gn"), "amp": ("", "bf16", "fp16"), "device": (
 
 PRESETS = {
     "R-101-FPN": Config(),
-    "R-50-FPN": Config(stage_blocks=(3, 4, 6, 3)),
+    "R-50-FPN": Config(stage_blocks=(3, 4, 6, 3), weights="R-50.pkl"),
     # The built-in demo: a small trainable-norm network on generated shapes, minutes on a laptop CPU.
     "demo": Config(
-        stage_blocks=(1, 1, 1, 1), stem_channels=16, width_per_group=16, norm="gn", freeze_at=0,
+        stage_blocks=(1, 1, 1, 1), stem_channels=16, width_per_group=16, norm="gn", freeze_at=0, weights="",
         fpn_channels=32, mlp_dim=256, num_classes=4,
         anchor_sizes=(16, 32, 64, 128, 256), rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
         rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=150, fpn_post_nms_top_n_train=300,
@@ -215,13 +219,52 @@ def get(preset="R-101-FPN", overrides=(), verbose=True):
     return cfg
 
 
+# The range of every numeric field with a meaning to check: (low, high, what), low/high None for open ends;
+# tuple fields are checked element by element. Relations between fields are checked in validate().
+_POSITIVE = (1, None, "a positive integer")
+RANGES = {
+    **dict.fromkeys(("stem_channels", "width_per_group", "fpn_channels", "rpn_batch_per_image", "mlp_dim",
+                     "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
+                     "rpn_post_nms_top_n_test", "fpn_post_nms_top_n_train", "fpn_post_nms_top_n_test",
+                     "roi_batch_per_image", "pooler_resolution", "min_size_train", "max_size_train", "min_size_test",
+                     "max_size_test", "ims_per_batch", "test_ims_per_batch", "max_iter", "schedule_ref",
+                     "checkpoint_period", "keep_checkpoints", "log_period", "stage_blocks", "anchor_sizes",
+                     "anchor_strides"), _POSITIVE),
+    **dict.fromkeys(("rpn_fg_iou", "rpn_bg_iou", "rpn_positive_fraction", "roi_fg_iou", "roi_bg_iou",
+                     "roi_positive_fraction", "score_thresh", "nms_thresh", "rpn_nms_thresh", "flip_prob",
+                     "vis_score", "warmup_factor", "gamma", "momentum"), (0, 1, "between 0 and 1")),
+    **dict.fromkeys(("straddle_thresh", "rpn_min_size", "size_divisibility", "crop_size", "fixed_size",
+                     "num_workers", "warmup_iters", "eval_period", "detections_per_img", "vis_images", "steps",
+                     "weight_decay", "weight_decay_bias", "bias_lr_factor", "brightness", "contrast", "saturation"),
+                    (0, None, "0 or more")),
+    "num_classes": (2, None, "at least 2 (background and one class)"),
+    "base_lr": (1e-12, None, "positive"),
+    "aspect_ratios": (1e-6, None, "positive"), "bbox_reg_weights": (1e-6, None, "positive"),
+    "hue": (0, 0.5, "between 0 and 0.5"),
+    "pooler_sampling_ratio": (-1, None, "-1 or more (0 or less: adaptive)"),
+    "freeze_at": (0, 2, "0, 1 or 2"),
+}
+
+
 def validate(cfg):
-    """Refuse a value outside a choice field's choices, naming the field and the valid values."""
+    """Refuse a value outside a choice field's choices or a numeric field's range, naming the field and what is
+    valid: a bad value fails at parse time, not as a hang or a torch traceback an hour later."""
     for name, choices in CHOICES.items():
         value = getattr(cfg, name)
         if (value.split(":")[0] if name == "device" else value) not in choices:
             raise ConfigError(f"config field {name!r} is {value!r}; choose one of "
                               + ", ".join(repr(c) for c in choices))
+    for name, (low, high, what) in RANGES.items():
+        value = getattr(cfg, name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if (low is not None and v < low) or (high is not None and v > high):
+                raise ConfigError(f"config field {name!r} is {value!r}; it must be {what}")
+    for a, b in (("rpn_bg_iou", "rpn_fg_iou"), ("roi_bg_iou", "roi_fg_iou")):
+        if getattr(cfg, a) > getattr(cfg, b):
+            raise ConfigError(f"config fields {a}={getattr(cfg, a)} and {b}={getattr(cfg, b)}: {a} must not exceed {b}")
+    if len(cfg.anchor_sizes) != len(cfg.anchor_strides) or len(cfg.stage_blocks) != 4:
+        raise ConfigError(f"anchor_sizes {cfg.anchor_sizes} needs one size per anchor_strides level "
+                          f"{cfg.anchor_strides}, and stage_blocks {cfg.stage_blocks} four stages")
 
 
 def field_help():

@@ -20,12 +20,14 @@ import io
 import math
 import os
 import random
+import signal
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+import config
 import demo
 
 
@@ -157,7 +159,7 @@ class CocoDetection(torch.utils.data.Dataset):
         except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field pycocotools' index needs
             raise ValueError(f"{ann}: pycocotools cannot index it ({type(e).__name__}: {e}): every image needs "
                              f"'id', every annotation 'id' and 'image_id'") from e
-        self.root, self.split, self.cfg, self.train = root, split, cfg, train
+        self.root, self.split, self.cfg, self.train, self.ann_file = root, split, cfg, train, ann
         self.cat_ids = self.coco.getCatIds()
         self.names = ["__background__"] + [self.coco.cats[c]["name"] for c in self.cat_ids]
         self.cat_id_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
@@ -427,9 +429,16 @@ def make_test_loader(cfg, split=None, rank=0, world_size=1, dataset=None):
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, **_loader_options(cfg))
 
 
+def _ignore_stop_signals(worker_id):
+    """Loader workers leave SIGTERM and SIGINT to the main process, which finishes the iteration and checkpoints
+    (train.py); a signal sent to the whole process group would otherwise kill them mid-batch."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _loader_options(cfg):
     """Worker processes, the padding collate, and pinned host memory for cuda, or mlu through torch_mlu."""
-    options = dict(num_workers=cfg.num_workers,
+    options = dict(num_workers=cfg.num_workers, worker_init_fn=_ignore_stop_signals if cfg.num_workers else None,
                    collate_fn=functools.partial(collate, size_divisibility=cfg.size_divisibility))
     kind = cfg.device.split(":")[0]
     if kind == "cuda" and torch.cuda.is_available():
@@ -437,3 +446,19 @@ def _loader_options(cfg):
     elif kind == "mlu" and hasattr(torch, "mlu") and torch.mlu.is_available():
         options.update(pin_memory=True, pin_memory_device="mlu")
     return options
+
+
+def categories(dataset):
+    """[{"id", "name"}] of a COCO dataset's classes in label order (label l is entry l - 1): stored with each
+    checkpoint, so inference on image files writes the json's ids and draws its names."""
+    return [{"id": c, "name": n} for c, n in zip(dataset.cat_ids, dataset.names[1:])]
+
+
+def check_classes(dataset, cfg):
+    """The model's num_classes must be the json's categories + 1 (background), or the box head is wrong in
+    silence (too many), crashes in the loss (too few) or writes ids the json lacks."""
+    n = len(dataset.cat_ids)
+    if cfg.num_classes != n + 1:
+        names = ", ".join(dataset.names[1:6]) + (" ..." if n > 5 else "")
+        raise config.ConfigError(f"{dataset.ann_file} has {n} categories ({names}), so set num_classes={n + 1} "
+                          f"(categories + background); the config has num_classes={cfg.num_classes}")

@@ -17,6 +17,7 @@ pixels with upstream's +1 width (w = x2 - x1 + 1), "score", "category_id"}, one 
 test_ims_per_batch is given: that reproduces upstream exactly (batching changes the padding, maskrcnn-benchmark
 issue 633).
 """
+import colorsys
 import glob
 import json
 import os
@@ -44,9 +45,10 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def load(ckpt_path, preset=None, overrides=(), verbose=True):
-    """(model on its device in eval mode, config, device) of a checkpoint: the checkpoint, then its config (ours
-    carry theirs; upstream's take `preset`, R-101-FPN by default) with the overrides, then the device, then the
-    model. Refuses a checkpoint that does not fit the model exactly (checkpoint.load_state)."""
+    """(model on its device in eval mode, config, device, categories) of a checkpoint: the checkpoint, then its
+    config (ours carry theirs; upstream's take `preset`, R-101-FPN by default) with the overrides, then the
+    device, then the model. Refuses a checkpoint that does not fit the model exactly (checkpoint.load_state).
+    categories: [{"id", "name"}] per label (1..K-1) from our checkpoint, COCO's for 81 classes, else numbers."""
     ckpt = checkpoint.load(ckpt_path)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
         if preset and verbose:
@@ -59,7 +61,11 @@ def load(ckpt_path, preset=None, overrides=(), verbose=True):
     n = checkpoint.load_state(net, checkpoint.model_state(ckpt), repr(ckpt_path))
     if verbose:
         print(f"evaluate: loaded {n} tensors from {ckpt_path}")
-    return net.to(device).eval(), cfg, device
+    categories = ckpt.get("categories") if isinstance(ckpt, dict) else None
+    if not categories or len(categories) != cfg.num_classes - 1:
+        categories = ([{"id": i, "name": n} for i, n in zip(COCO_IDS, COCO_NAMES)] if cfg.num_classes == 81 else
+                      [{"id": i, "name": f"class {i}"} for i in range(1, cfg.num_classes)])
+    return net.to(device).eval(), cfg, device, categories
 
 
 @torch.inference_mode()
@@ -97,19 +103,36 @@ def coco_records(det, label_to_cat_id):
             for box, s, l in zip(xywh, det["scores"], det["labels"])]
 
 
+def class_colour(label):
+    """A fixed, well-spread colour per class (hues a golden-ratio step apart)."""
+    r, g, b = colorsys.hsv_to_rgb((label * 0.618034) % 1.0, 0.8, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
 def draw(path, det, names, out_path, min_score):
-    """The image file with its detections scoring at least min_score: boxes, class names (names[label]) and
-    scores."""
-    import numpy as np
-    from PIL import Image
-    from torchvision.utils import draw_bounding_boxes
-    img = torch.from_numpy(np.array(data.load_image(path))).permute(2, 0, 1)
+    """The image file with its detections scoring at least min_score, each a box in its class's colour under a
+    "name 0.87" label, lines and text sized to the image: one style for the demo, evaluation and image files."""
+    from PIL import ImageDraw, ImageFont
+    img = data.load_image(path)
+    side = max(img.size)
+    line, pad = max(2, round(side / 300)), max(1, round(side / 600))
+    try:
+        font = ImageFont.load_default(size=max(11, round(side / 45)))  # scalable: Pillow 10.1+ with FreeType
+    except (TypeError, OSError):
+        font = ImageFont.load_default()
+    pen = ImageDraw.Draw(img)
     keep = det["scores"] >= min_score
-    if keep.any():
-        labels = [f"{names[int(l)]} {s:.2f}" for l, s in zip(det["labels"][keep], det["scores"][keep])]
-        img = draw_bounding_boxes(img, det["boxes"][keep], labels, colors="red", width=2)
+    for (x1, y1, x2, y2), label, score in zip(det["boxes"][keep].tolist(), det["labels"][keep].tolist(),
+                                              det["scores"][keep].tolist()):
+        colour = class_colour(label)
+        pen.rectangle([x1, y1, max(x1, x2), max(y1, y2)], outline=colour, width=line)  # legacy boxes can be < 1 px
+        text = f"{names[label]} {score:.2f}"
+        _, _, tw, th = pen.textbbox((0, 0), text, font=font)
+        ty = y1 - th - 2 * pad if y1 - th - 2 * pad >= 0 else y1  # above the box, or inside it at the top edge
+        pen.rectangle([x1, ty, x1 + tw + 2 * pad, ty + th + 2 * pad], fill=colour)
+        pen.text((x1 + pad, ty + pad), text, font=font, fill="black" if sum(colour) > 380 else "white")
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    Image.fromarray(img.permute(1, 2, 0).numpy()).save(out_path)
+    img.save(out_path, quality=90)
 
 
 def coco_evaluator():
@@ -168,6 +191,9 @@ def evaluate_coco(net, cfg, device, rank=0, world_size=1):
         json.dump(metrics, f, indent=1)
     for i in range(min(cfg.vis_images, len(ds))):
         draw(ds.path(i), dets[i], ds.names, os.path.join(out, "vis", os.path.basename(ds.path(i))), cfg.vis_score)
+    if cfg.vis_images:
+        print(f"evaluate: drawings of the first {min(cfg.vis_images, len(ds))} images (score >= {cfg.vis_score}) "
+              f"-> {os.path.join(out, 'vis')}")
     print(f"evaluate: {split}: AP {stats['AP']:.4f}  AP50 {stats['AP50']:.4f}  ({len(ds)} images, "
           f"{len(results)} detections, {evaluator[0]}) -> {out}")
     return metrics
@@ -189,17 +215,17 @@ def image_paths(spec):
     return paths, base
 
 
-def run_images(args, net, cfg, device, rank, world_size):
-    """Detections on the --images files into the --output json, drawn into --vis when given."""
+def run_images(args, net, cfg, device, categories, rank, world_size):
+    """Detections on the --images files into the --output json (the checkpoint's category ids), drawn into --vis
+    (its class names) when given."""
     paths, base = image_paths(args.images)
     for folder in [os.path.dirname(os.path.abspath(args.output))] + ([args.vis] if args.vis else []):
-        os.makedirs(folder, exist_ok=True)  # before any inference: a bad path fails now, not after an hour
-    if cfg.num_classes == len(COCO_IDS) + 1:
-        label_to_cat_id = {i + 1: c for i, c in enumerate(COCO_IDS)}
-        names = ["__background__"] + COCO_NAMES
-    else:  # not a COCO model: the contiguous label is the category id
-        label_to_cat_id = {i: i for i in range(1, cfg.num_classes)}
-        names = [str(i) for i in range(cfg.num_classes)]
+        try:  # before any inference: a bad path fails now, not after an hour
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise config.UserError(f"cannot create the output folder {folder!r}: {e.strerror}") from None
+    label_to_cat_id = {label: c["id"] for label, c in enumerate(categories, 1)}
+    names = ["__background__"] + [c["name"] for c in categories]
     loader = data.make_test_loader(cfg, rank=rank, world_size=world_size, dataset=data.ImageFiles(paths, cfg))
     dets = predict(net, loader, device, rank, world_size)
     if rank != 0:
@@ -225,7 +251,7 @@ def main(argv=None):
     rank, world_size, _ = launch.env()
     if args.images:  # one image per forward unless asked: upstream's exact numbers
         overrides = ["test_ims_per_batch=1"] + overrides
-    net, cfg, device = load(args.ckpt, args.config, overrides, verbose=rank == 0)
+    net, cfg, device, categories = load(args.ckpt, args.config, overrides, verbose=rank == 0)
     # Upstream ran plain FP32; TF32 convolutions and matmuls (Ampere and later) would change its detections
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -234,7 +260,7 @@ def main(argv=None):
                                  f"processes: use a multiple of {world_size}")
     launch.init_process_group(device, rank, world_size)
     if args.images:
-        result = run_images(args, net, cfg, device, rank, world_size)
+        result = run_images(args, net, cfg, device, categories, rank, world_size)
     else:
         result = evaluate_coco(net, cfg, device, rank, world_size)
     launch.finish(world_size)

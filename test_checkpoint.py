@@ -34,11 +34,18 @@ def test_upstream_checkpoint_with_module_prefix_loads(tmp_path, capsys):
         checkpoint.load_weights(model.build_model(tiny_cfg()), path)
     torch.save(src.state_dict(), path)
     other = model.build_model(tiny_cfg(num_classes=3))
+    init = other.roi_heads.box.predictor.cls_score.weight.clone()
     with pytest.raises(checkpoint.CheckpointError, match="cls_score.weight .file .5, 32., model .3, 32"):
-        checkpoint.load_weights(other, path)
-    checkpoint.load_weights(other, path, skip_predictor=True)
-    assert "not loading the class-dependent predictor" in capsys.readouterr().out
+        checkpoint.load_state(other, checkpoint.model_state(checkpoint.load(path)), path)  # evaluation: exact fit
+    capsys.readouterr()
+    checkpoint.load_weights(other, path)  # fine-tuning: another class count skips the predictor, saying so
+    assert "has another class count: not loading its predictor" in capsys.readouterr().out
     assert torch.equal(other.backbone.body.layer4[0].conv2.weight, src.backbone.body.layer4[0].conv2.weight)
+    assert torch.equal(other.roi_heads.box.predictor.cls_score.weight, init)
+    with pytest.raises(checkpoint.CheckpointError, match="shape mismatch"):  # another backbone is still refused
+        checkpoint.load_weights(model.build_model(tiny_cfg(num_classes=3, fpn_channels=8)), path)
+    with pytest.raises(checkpoint.CheckpointError, match="not found.*R-101.pkl"):
+        checkpoint.load_weights(other, str(tmp_path / "R-101.pkl"))
 
 
 def test_own_checkpoint_round_trip(tmp_path):

@@ -1,6 +1,7 @@
 """Tests of config.py: overrides are type-checked and printed, unknown keys get the closest names, choice fields
 are checked at parse time, both command-line grammars work, and --help lists every field."""
 import dataclasses
+import re
 
 import pytest
 
@@ -32,10 +33,10 @@ def test_both_grammars_and_dashes():
     p = config.parser("doc")
     p.add_argument("--ckpt")
     args, overrides = config.parse(p, ["--ckpt", "x.pth", "--score-thresh", "0.5", "nms_thresh=0.4",
-                                       "--base_lr=-0.01", "--config", "demo"])
+                                       "--pooler_sampling_ratio", "-1", "--base_lr=0.01", "--config", "demo"])
     assert (args.ckpt, args.config) == ("x.pth", "demo")
     cfg = config.get(args.config, overrides, verbose=False)
-    assert (cfg.score_thresh, cfg.nms_thresh, cfg.base_lr) == (0.5, 0.4, -0.01)
+    assert (cfg.score_thresh, cfg.nms_thresh, cfg.pooler_sampling_ratio, cfg.base_lr) == (0.5, 0.4, -1, 0.01)
     with pytest.raises(config.ConfigError, match="write key=value or --key value"):
         config.get("demo", ["score_thresh"], verbose=False)
 
@@ -48,3 +49,26 @@ def test_help_lists_every_field_with_default_and_comment():
         comment = text.splitlines()[text.splitlines().index(line) + 1].strip()
         assert comment, f"{f.name} has no comment"
     assert "  fpn_post_nms_top_n_train = 2000\n" in text and "per *batch on one device*" in text
+
+
+@pytest.mark.parametrize("override, message", [
+    ("base_lr=-0.02", "'base_lr' is -0.02; it must be positive"),
+    ("ims_per_batch=0", "'ims_per_batch' is 0; it must be a positive integer"),
+    ("test_ims_per_batch=0", "'test_ims_per_batch' is 0"),
+    ("max_iter=0", "'max_iter' is 0"),
+    ("checkpoint_period=0", "'checkpoint_period' is 0"),
+    ("min_size_train=(800,0)", "'min_size_train' is (800, 0)"),
+    ("num_classes=1", "'num_classes' is 1; it must be at least 2"),
+    ("nms_thresh=1.5", "'nms_thresh' is 1.5; it must be between 0 and 1"),
+    ("hue=0.7", "'hue' is 0.7"),
+    ("rpn_bg_iou=0.8", "rpn_bg_iou must not exceed rpn_fg_iou"),
+    ("anchor_sizes=(32,64)", "one size per anchor_strides level"),
+])
+def test_numeric_fields_are_range_checked_when_parsed(override, message):
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.get("R-101-FPN", [override], verbose=False)
+
+
+def test_every_preset_is_valid():
+    for name in config.PRESETS:
+        config.validate(config.PRESETS[name])

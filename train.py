@@ -7,14 +7,17 @@
     # a rank that dies restarts the job from the last checkpoint (restarts need the c10d rendezvous):
     torchrun --max-restarts 3 --rdzv-backend c10d --rdzv-endpoint localhost:29500 --nproc_per_node 8 train.py ... --resume
 
-Any config field can be overridden as key=value or --key value (see config.py). --resume continues from the
-newest loadable checkpoint in output_dir: model, optimizer, iteration, sampler position and RNG.
-One pass: config, distributed setup, seed, data, model, optimizer, resume, loop, checkpoints, evaluation.
+Any config field can be overridden as key=value or --key value (`--help` lists them). --resume continues from the
+newest loadable checkpoint in output_dir: model, optimizer, iteration, sampler position and RNG. SIGTERM or
+SIGINT (a scheduler's preemption, Ctrl-C) finishes the current iteration, writes a checkpoint there and exits
+with 128 + the signal's number; --resume then continues exactly. The run ends with model_final.pth (model,
+config, class names), log.txt, log.jsonl, loss_curves.png and the evaluation's results in output_dir.
+One pass: config, distributed setup, seed, model, optimizer, resume or initial weights, data, loop,
+checkpoints, evaluation.
 """
-import datetime
-import json
+import dataclasses
 import os
-import platform
+import signal
 import time
 
 import torch
@@ -25,8 +28,8 @@ import config
 import data
 import evaluate
 import launch
+import logger
 import model as model_lib
-
 
 def get_lr(it, cfg):
     """Learning rate of weights at iteration it (0-based): upstream's WarmupMultiStepLR, linear warmup from
@@ -50,13 +53,85 @@ def make_optimizer(model, cfg):
     return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.base_lr, momentum=cfg.momentum)
 
 
-def reduce_losses(losses, world_size):
-    """Average each loss over ranks, for logging only."""
-    values = torch.stack([v.detach().float() for v in losses.values()])
-    if world_size > 1:
-        dist.all_reduce(values)
-        values /= world_size
-    return dict(zip(losses, values.tolist()))
+def proposal_cap(cfg, world_size, verbose):
+    """Upstream's FPN_POST_NMS_TOP_N_TRAIN (2000) spans a device's batch and was tuned for 2 images per device;
+    scale it to the images per device (1000 per image, the fix of maskrcnn-benchmark issue 672, where 8 images
+    per GPU lost 4 AP), unless scale_fpn_post_nms_train is off."""
+    per_device = cfg.ims_per_batch // world_size
+    if not (cfg.fpn_post_nms_per_batch and cfg.scale_fpn_post_nms_train) or per_device == 2:
+        return cfg
+    n = max(1, cfg.fpn_post_nms_top_n_train * per_device // 2)
+    if verbose:
+        print(f"train: fpn_post_nms_top_n_train {cfg.fpn_post_nms_top_n_train} -> {n} for {per_device} images per "
+              f"device (upstream's value spans a device's batch of 2; scale_fpn_post_nms_train=false keeps it)")
+    return dataclasses.replace(cfg, fpn_post_nms_top_n_train=n)
+
+
+def init_weights(model, cfg, resume, rank):
+    """(start iteration, checkpoint state or None): the newest checkpoint in output_dir with --resume, else
+    cfg.weights; a config that freezes layers refuses to start from random weights."""
+    path, state = checkpoint.latest_training(cfg.output_dir) if resume else (None, None)
+    if path:
+        checkpoint.load_state(model, checkpoint.model_state(state), repr(path))
+        return state["iteration"], state
+    if resume and rank == 0:
+        print(f"train: --resume found no checkpoint in {cfg.output_dir}: starting from iteration 0")
+    if cfg.weights:
+        checkpoint.load_weights(model, cfg.weights, verbose=rank == 0)
+    elif cfg.freeze_at > 0 or cfg.norm == "frozen_bn":
+        raise config.ConfigError(
+            f"weights= is empty, but freeze_at={cfg.freeze_at} and norm={cfg.norm} would keep random layers frozen "
+            f"and every norm at identity: the run would learn nothing useful. Give ImageNet weights "
+            f"(weights=R-101.pkl or R-50.pkl, {checkpoint.IMAGENET_URL}), a detector to fine-tune "
+            f"(weights=e2e_faster_rcnn_R_101_FPN_1x.pth or one of ours), or train from scratch with trainable "
+            f"norms: weights= freeze_at=0 norm=gn (as the demo preset does)")
+    return 0, None
+
+
+class Preemption:
+    """SIGTERM and SIGINT set a flag that the loop reads after each iteration (every rank agrees through one
+    all-reduce); the first signal's handler restores the previous ones, so a second signal acts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+
+    def handle(self, signum, frame):
+        self.signum = signum
+        self.restore()
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def requested(self, device, world_size):
+        if world_size == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def train_step(ddp, optimizer, scaler, autocast, images, image_sizes, targets, it, cfg):
+    """One SGD step; stops on a non-finite loss before it touches the weights."""
+    with torch.autocast(images.device.type, dtype=autocast, enabled=autocast is not None):
+        losses = ddp(images, image_sizes, targets)
+    loss = sum(losses.values())
+    if not torch.isfinite(loss):  # stop before the bad step touches the weights or a checkpoint
+        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        raise FloatingPointError(f"non-finite loss at iteration {it + 1}: {terms}. The newest checkpoint in "
+                                 f"{cfg.output_dir} is the last good state; lower base_lr or check the data")
+    optimizer.zero_grad(set_to_none=True)
+    if scaler:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return losses
 
 
 def save_checkpoint(it, model, optimizer, scaler, loader, cfg, rank, world_size):
@@ -73,14 +148,7 @@ def save_checkpoint(it, model, optimizer, scaler, loader, cfg, rank, world_size)
     if rank == 0:
         extra = {"scaler": scaler.state_dict()} if scaler else {}
         checkpoint.save_training(cfg.output_dir, it, model, optimizer, cfg, keep=cfg.keep_checkpoints,
-                                 sampler=loader.state(it), rng=rng, **extra)
-
-
-def write_log(cfg, rank, record):
-    """One JSON line in output_dir/log.jsonl (rank 0 only)."""
-    if rank == 0:
-        with open(os.path.join(cfg.output_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+                                 sampler=loader.state(it), rng=rng, categories=data.categories(loader.dataset), **extra)
 
 
 def main(argv=None):
@@ -89,97 +157,76 @@ def main(argv=None):
     args, overrides = config.parse(p, argv)
     rank, world_size, local_rank = launch.env()
     cfg = config.get(args.config or "R-101-FPN", overrides, verbose=rank == 0)
-    device = launch.device(cfg.device, local_rank)
     if cfg.ims_per_batch % world_size:
         raise config.ConfigError(f"ims_per_batch={cfg.ims_per_batch} is not divisible by {world_size} processes: "
                                  f"set ims_per_batch to a multiple of {world_size}")
+    cfg = proposal_cap(cfg, world_size, verbose=rank == 0)
+    device = launch.device(cfg.device, local_rank)
     launch.init_process_group(device, rank, world_size)
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    # ---- model, optimizer, resume
+    # ---- model, optimizer, resume or initial weights, data
     model = model_lib.build_model(cfg).to(device)
     optimizer = make_optimizer(model, cfg)
     autocast = dict(fp16=torch.float16, bf16=torch.bfloat16).get(cfg.amp)
     scaler = None
     if cfg.amp == "fp16":  # torch.amp.GradScaler(device) is torch 2.3+; cuda's own before that
         scaler = torch.amp.GradScaler(device.type) if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler()
-    start_iter, sampler_state = 0, None
-    resumed, state = checkpoint.latest_training(cfg.output_dir) if args.resume else (None, None)
-    if resumed:
-        checkpoint.load_state(model, checkpoint.model_state(state), repr(resumed))
+    start_iter, state = init_weights(model, cfg, args.resume, rank)
+    if state:
         optimizer.load_state_dict(state["optimizer"])
-        start_iter, sampler_state = state["iteration"], state.get("sampler")
         if scaler and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-    elif args.resume and rank == 0:
-        print(f"train: --resume found no checkpoint in {cfg.output_dir}: starting from iteration 0")
-    if not resumed and cfg.weights:
-        checkpoint.load_detectron_pickle(model, cfg.weights)
-    # ---- data
-    loader = data.make_train_loader(cfg, rank, world_size, start_iter, sampler_state)
+    loader = data.make_train_loader(cfg, rank, world_size, start_iter, state and state.get("sampler"))
+    data.check_classes(loader.dataset, cfg)
     batches = iter(loader)  # creating the iterator draws from the global RNG: do it before restoring it
-    if resumed:
+    if state:
         torch.set_rng_state(state["rng"][rank % len(state["rng"])])
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    if rank == 0:
-        print(f"train: {world_size} process(es) on {device}, {cfg.ims_per_batch} images per iteration, "
-              f"lr {cfg.base_lr} x {cfg.ims_per_batch}/16 = {cfg.base_lr * cfg.ims_per_batch / 16:g} (linear "
-              f"scaling), iterations {start_iter} -> {cfg.max_iter}" + (f", resumed from {resumed}" if resumed else ""))
-    write_log(cfg, rank, {"config": config.to_dict(cfg), "resumed_from": resumed, "world_size": world_size,
-                          "versions": {"python": platform.python_version(), "torch": torch.__version__}})
-    # ---- the loop
-    model.train()
-    end = time.time()
-    data_time = iter_time = 0.0
-    skipped = 0  # unreadable images passed over by this rank's loader (data.py warns once per file)
-    for it, (images, image_sizes, targets, _) in zip(range(start_iter, cfg.max_iter), batches):
-        skipped += sum(len(t.get("skipped", ())) for t in targets)
-        images = images.to(device, non_blocking=True)
-        targets = [{k: t[k].to(device, non_blocking=True) for k in ("boxes", "labels")} for t in targets]
-        data_time += time.time() - end
-        lr = get_lr(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_factor"]
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            losses = ddp(images, image_sizes, targets)
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):  # stop before the bad step touches the weights or a checkpoint
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise FloatingPointError(f"non-finite loss at iteration {it + 1}: {terms}. The newest checkpoint in "
-                                     f"{cfg.output_dir} is the last good state; lower base_lr or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        iter_time += time.time() - end
-        end = time.time()
-        done = it + 1
-        if done % cfg.log_period == 0 or done == cfg.max_iter:
-            values = reduce_losses(losses, world_size)
-            n = cfg.log_period if done % cfg.log_period == 0 else done % cfg.log_period or cfg.log_period
-            record = {"iter": done, "lr": lr, **values, "loss": sum(values.values()), "time": iter_time / n,
-                      "data_time": data_time / n, "memory_mb": launch.peak_memory_mb(device), "skipped_images": skipped}
-            eta = datetime.timedelta(seconds=int(record["time"] * (cfg.max_iter - done)))
-            if rank == 0:
-                print(f"iter {done}/{cfg.max_iter}  lr {lr:.5f}  " + "  ".join(f"{k} {v:.4f}" for k, v in values.items())
-                      + f"  loss {record['loss']:.4f}  time {record['time']:.3f}s  data {record['data_time']:.3f}s"
-                      f"  mem {record['memory_mb']:.0f}MB  eta {eta}" + (f"  skipped {skipped}" if skipped else ""),
-                      flush=True)
-            write_log(cfg, rank, record)
-            data_time = iter_time = 0.0
-        if done % cfg.checkpoint_period == 0 or done == cfg.max_iter:
-            save_checkpoint(done, model, optimizer, scaler, loader, cfg, rank, world_size)
-        if cfg.eval_period and done % cfg.eval_period == 0 and done != cfg.max_iter:
-            write_log(cfg, rank, {"iter": done, "eval": evaluate.evaluate_coco(model, cfg, device, rank, world_size)})
-            model.train()
-    metrics = evaluate.evaluate_coco(model, cfg, device, rank, world_size)
-    write_log(cfg, rank, {"iter": cfg.max_iter, "eval": metrics})
-    if rank == 0:
-        print(f"train: done; checkpoints, log.jsonl and the evaluation's results are in {cfg.output_dir}")
+    log, stop = logger.TrainLog(cfg, rank, world_size, start_iter), Preemption()
+    try:
+        log.begin(device, resumed=state is not None)
+        # ---- the loop
+        model.train()
+        end, data_time, iter_time, done = time.time(), 0.0, 0.0, start_iter
+        skipped = 0  # unreadable images this rank's loader passed over (data.py warns once per file)
+        for it, (images, image_sizes, targets, _) in zip(range(start_iter, cfg.max_iter), batches):
+            skipped += sum(len(t.get("skipped", ())) for t in targets)
+            images = images.to(device, non_blocking=True)
+            targets = [{k: t[k].to(device, non_blocking=True) for k in ("boxes", "labels")} for t in targets]
+            data_time += time.time() - end
+            lr = get_lr(it, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_factor"]
+            log.add(train_step(ddp, optimizer, scaler, autocast, images, image_sizes, targets, it, cfg))
+            iter_time += time.time() - end
+            done = it + 1
+            if done % cfg.log_period == 0 or done == cfg.max_iter:
+                n = (done - start_iter - 1) % cfg.log_period + 1  # iterations since the last line
+                log.write(done, lr, iter_time / n, data_time / n, launch.peak_memory_mb(device), skipped)
+                data_time = iter_time = 0.0
+            signum = stop.requested(device, world_size)
+            if done % cfg.checkpoint_period == 0 or done == cfg.max_iter or signum:
+                save_checkpoint(done, model, optimizer, scaler, loader, cfg, rank, world_size)
+            if signum:
+                if rank == 0:
+                    print(f"train: {signal.Signals(signum).name} at iteration {done}: checkpoint written to "
+                          f"{cfg.output_dir}; continue with --resume", flush=True)
+                raise SystemExit(128 + signum)
+            if cfg.eval_period and done % cfg.eval_period == 0 and done != cfg.max_iter:
+                log.eval(done, evaluate.evaluate_coco(model, cfg, device, rank, world_size))
+                model.train()
+            end = time.time()  # an evaluation's time is not an iteration's
+        metrics = evaluate.evaluate_coco(model, cfg, device, rank, world_size)
+        log.eval(cfg.max_iter, metrics)
+        if rank == 0:
+            checkpoint.save(os.path.join(cfg.output_dir, "model_final.pth"), model, cfg,
+                            categories=data.categories(loader.dataset))
+            print(f"train: done; model_final.pth, log.txt, log.jsonl, loss_curves.png and the evaluation's results "
+                  f"are in {cfg.output_dir}")
+    finally:
+        stop.restore()
+        log.close()
     launch.finish(world_size)
     return metrics
 
