@@ -135,12 +135,16 @@ def _atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch.save's zip writer turns an OSError (a full disk: ENOSPC, EFBIG) into a RuntimeError as it closes
+        error = e if isinstance(e, OSError) else e.__context__
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not isinstance(error, OSError):
+            raise
         raise CheckpointError(f"cannot write {path} in output_dir {os.path.dirname(path) or '.'}: "
-                              f"{e.strerror or e} (errno {e.errno}); the partial file was removed and the earlier "
-                              f"checkpoints are intact: free space, then continue with --resume") from None
+                              f"{error.strerror or error} (errno {error.errno}); the partial file was removed and "
+                              f"the earlier checkpoints are intact: free space, then continue with --resume") from None
 
 
 # ---- training checkpoints: output_dir/model_{iteration:07d}.pth, newest K kept

@@ -85,11 +85,24 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def user_message(e):
+    """The message of a user error; one raised in a DataLoader worker comes back wrapped by torch with the
+    worker's traceback (torch/_utils.py, ExceptionWrapper): keep only the original message."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        for name in (f"{type(e).__module__}.{type(e).__qualname__}", type(e).__qualname__):
+            i = msg.rfind(f"\n{name}: ")
+            if i >= 0:
+                return msg[i + len(name) + 3:].strip()
+    return msg
+
+
 def run_cli(main):
-    """Run a script's main; a mistake that is the user's to fix ends in one paragraph on stderr and exit code 2,
+    """Run a script's main; a mistake that is the user's to fix (config.UserError: config, data, checkpoint,
+    device; a non-finite loss) ends in one paragraph on stderr and exit code 2, in every process that meets it,
     while an internal bug keeps its traceback."""
     try:
         main()
-    except (config.UserError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (config.UserError, FloatingPointError) as e:
+        print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -6,6 +6,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -199,3 +200,214 @@ def test_batch_not_divisible_by_processes(demo_root, tmp_path):
                          torchrun=["--nproc_per_node", "2", "--master_port", free_port()]))
     assert proc.returncode != 0
     assert "ims_per_batch=3 is not divisible by 2 processes" in proc.stderr + proc.stdout
+
+
+# ---- outputs, the log, weights, classes, the proposal cap
+
+def test_outputs_and_the_smoothed_log(demo_root, tmp_path, monkeypatch):
+    import evaluate
+    seen, real_step, real_eval = [], train.train_step, evaluate.evaluate_coco
+
+    def step(*a, **k):
+        losses = real_step(*a, **k)
+        seen.append({n: v.item() for n, v in losses.items()})
+        return losses
+
+    class Clock:  # train.py's clock: 1 ms per reading, and 100 s per evaluation
+        now = 0.0
+
+        @classmethod
+        def time(cls):
+            cls.now += 0.001
+            return cls.now
+
+    def slow_eval(*a, **k):  # an evaluation's time must not count as an iteration's
+        Clock.now += 100
+        return real_eval(*a, **k)
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train, "time", Clock)
+    monkeypatch.setattr(evaluate, "evaluate_coco", slow_eval)
+    out = str(tmp_path)
+    train_in_process(demo_root, out, "max_iter=24", "log_period=4", "eval_period=8", "checkpoint_period=8")
+    records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    lines = [r for r in records if "loss" in r]
+    assert [r["iter"] for r in lines] == list(range(4, 25, 4))
+    for r in lines:  # the median of the last 20 iterations (torch's lower median) and the average since the start
+        done = seen[:r["iter"]]
+        for name in ("loss_objectness", "loss_classifier"):
+            window = sorted(x[name] for x in done[-20:])
+            assert r[name] == pytest.approx(window[(len(window) - 1) // 2], rel=1e-6)
+            assert r[name + "_avg"] == pytest.approx(sum(x[name] for x in done) / len(done), rel=1e-5)
+        assert r["time"] < 0.1  # the 100 s evaluations after iterations 8 and 16 are not in it
+    assert [r["iter"] for r in records if "eval" in r] == [8, 16, 24]
+    txt = open(os.path.join(out, "log.txt")).read()
+    assert txt.count("iter ") >= 6 and "loss_objectness" in txt and "AP50" in txt
+    assert open(os.path.join(out, "last_checkpoint")).read() == "model_0000024.pth"
+    final = checkpoint.load(os.path.join(out, "model_final.pth"))
+    assert [c["name"] for c in final["categories"]] == ["rectangle", "ellipse", "triangle"]
+    assert "optimizer" not in final and config.from_dict(final["config"]).max_iter == 24
+    from PIL import Image
+    assert Image.open(os.path.join(out, "loss_curves.png")).size == (1000, 500)
+
+
+def test_proposal_cap_scales_with_images_per_device(capsys):
+    cfg = config.get("R-101-FPN", verbose=False)  # 16 images, upstream's 2000 per device batch of 2
+    assert train.proposal_cap(cfg, 8, verbose=True).fpn_post_nms_top_n_train == 2000  # 2 per device: as upstream
+    assert capsys.readouterr().out == ""
+    assert train.proposal_cap(cfg, 1, verbose=True).fpn_post_nms_top_n_train == 16000  # 1000 per image
+    assert "2000 -> 16000 for 16 images per device" in capsys.readouterr().out
+    assert train.proposal_cap(cfg, 16, verbose=False).fpn_post_nms_top_n_train == 1000
+    for off in ("scale_fpn_post_nms_train=false", "fpn_post_nms_per_batch=false"):
+        assert train.proposal_cap(config.get(cfg, [off], verbose=False), 1, False).fpn_post_nms_top_n_train == 2000
+
+
+def test_random_frozen_layers_are_refused_and_missing_weights_named(demo_root, tmp_path):
+    with pytest.raises(config.ConfigError, match="weights= is empty, but freeze_at=2 and norm=frozen_bn"):
+        train_in_process(demo_root, tmp_path, "weights=", "norm=frozen_bn", "freeze_at=2")
+    with pytest.raises(checkpoint.CheckpointError, match="not found.*dl.fbaipublicfiles.com.*R-101.pkl"):
+        train_in_process(demo_root, tmp_path, f"weights={tmp_path}/R-101.pkl")
+
+
+def test_num_classes_is_checked_against_the_json(demo_root, tmp_path):
+    with pytest.raises(config.ConfigError, match=r"has 3 categories \(rectangle, ellipse, triangle\), so set "
+                                                 r"num_classes=4 .*the config has num_classes=81"):
+        train_in_process(demo_root, tmp_path, "num_classes=81")
+
+
+def relabel(src, dst, ids, names, split_names=("shapes_train", "shapes_val")):
+    """A copy of the demo data set under other split names, with category ids and names replaced (3 -> len(ids)
+    classes: class k of the demo becomes ids[k % len(ids)])."""
+    for old, new in zip(("train2017", "val2017"), split_names):
+        os.makedirs(os.path.join(dst, "annotations"), exist_ok=True)
+        os.symlink(os.path.join(src, old), os.path.join(dst, new))
+        js = json.load(open(os.path.join(src, "annotations", f"instances_{old}.json")))
+        js["categories"] = [{"id": i, "name": n} for i, n in zip(ids, names)]
+        for a in js["annotations"]:
+            a["category_id"] = ids[(a["category_id"] - 1) % len(ids)]
+        json.dump(js, open(os.path.join(dst, "annotations", f"instances_{new}.json"), "w"))
+    return dst
+
+
+def test_fine_tune_own_data_with_other_ids_and_classes(demo_root, tmp_path, monkeypatch, capsys):
+    import evaluate
+    own = relabel(demo_root, str(tmp_path / "own"), [7, 42, 1000], ["cat", "dog", "bird"])
+    split = ["train_split=shapes_train", "val_split=shapes_val"]
+    first = str(tmp_path / "first")
+    train_in_process(own, first, *split, "max_iter=2")
+    results = json.load(open(os.path.join(first, "coco_results_shapes_val.json")))
+    assert results and {r["category_id"] for r in results} <= {7, 42, 1000}
+    # fine-tune its model_final.pth on a 2-class set: the predictor is skipped, saying so
+    two = relabel(demo_root, str(tmp_path / "two"), [5, 9], ["round", "sharp"])
+    tuned = str(tmp_path / "tuned")
+    capsys.readouterr()
+    train_in_process(two, tuned, *split, "max_iter=2", "num_classes=3", f"weights={first}/model_final.pth")
+    assert "has another class count: not loading its predictor" in capsys.readouterr().out
+    drawn = []
+    monkeypatch.setattr(evaluate, "draw", lambda path, det, names, out, score: drawn.append((names, det)))
+    out = str(tmp_path / "dets.json")
+    evaluate.main(["--ckpt", f"{tuned}/model_final.pth", "--images", os.path.join(demo_root, "val2017"),
+                   "--output", out, "--vis", str(tmp_path / "vis"), "score_thresh=0.0", "num_workers=0",
+                   "min_size_test=96", "max_size_test=128"])
+    records = json.load(open(out))
+    assert records and {r["category_id"] for r in records} == {5, 9}
+    assert len(drawn) == 8 and all(names == ["__background__", "round", "sharp"] for names, _ in drawn)
+
+
+# ---- a full disk and preemption
+
+def same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(v, wb[k]) for k, v in wa.items())
+
+
+@pytest.mark.slow
+def test_full_disk_while_checkpointing_is_one_paragraph_then_resume_is_exact(demo_root, tmp_path):
+    import resource
+    common = ["max_iter=6", "checkpoint_period=2", "keep_checkpoints=5"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "full")
+    train_in_process(demo_root, ref, *common)
+    shutil.copytree(ref, out)
+    for name in ("model_0000004.pth", "model_0000006.pth"):  # as if stopped after iteration 2 ...
+        os.remove(os.path.join(out, name))
+    size = os.path.getsize(os.path.join(out, "model_0000002.pth"))  # ... and the disk is full at the next one
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))  # noqa: E731
+    full = subprocess.run(train_cmd(demo_root, out, *common, "--resume"), capture_output=True, text=True,
+                          timeout=600, preexec_fn=limit)  # python ignores SIGXFSZ: the write fails with EFBIG
+    assert full.returncode == 2, full.stderr[-2000:]
+    assert "Traceback" not in full.stderr and full.stderr.count("error:") == 1
+    assert f"cannot write {out}/model_0000004.pth in output_dir {out}: File too large" in full.stderr
+    assert sorted(os.listdir(out)) == sorted(set(os.listdir(out)) - {"model_0000004.pth.tmp"})  # no partial file
+    assert same_weights(os.path.join(ref, "model_0000002.pth"), os.path.join(out, "model_0000002.pth"))
+    resumed = run(train_cmd(demo_root, out, *common, "--resume"))  # space freed
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert same_weights(os.path.join(ref, "model_0000006.pth"), os.path.join(out, "model_0000006.pth"))
+
+
+def wait_for_iteration(out, it, proc, timeout=300):
+    log = os.path.join(out, "log.jsonl")
+    start = time.time()
+    while not (os.path.exists(log) and any(json.loads(line).get("iter", 0) >= it and "loss" in line
+                                           for line in open(log))):
+        assert proc.poll() is None, f"training ended before iteration {it}: {proc.communicate()}"
+        assert time.time() - start < timeout, f"iteration {it} not reached in {timeout} s"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, seed", [("process", 0), ("group", 1)])
+def test_sigterm_checkpoints_the_current_iteration_then_resume_is_exact(demo_root, tmp_path, target, seed):
+    import random
+    rng = random.Random(seed)
+    common = ["max_iter=12", "checkpoint_period=100", "num_workers=1"]  # a loader worker in the process group
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "stopped")
+    train_in_process(demo_root, ref, *common)
+    proc = subprocess.Popen(train_cmd(demo_root, out, *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        wait_for_iteration(out, rng.randint(1, 6), proc)
+        time.sleep(rng.uniform(0, 0.3))  # somewhere in an iteration
+        if target == "group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr
+    saved = checkpoint.training_checkpoints(out)
+    assert len(saved) == 1 and not any(n.endswith(".tmp") for n in os.listdir(out))
+    it = checkpoint.load(saved[0])["iteration"]
+    assert f"SIGTERM at iteration {it}: checkpoint written" in stdout and it < 12
+    resumed = run(train_cmd(demo_root, out, *common, "--resume"))
+    assert resumed.returncode == 0 and f"resumed from iteration {it}" in resumed.stdout, resumed.stderr[-2000:]
+    assert same_weights(os.path.join(ref, "model_0000012.pth"), os.path.join(out, "model_0000012.pth"))
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_every_rank_stops_at_one_iteration(demo_root, tmp_path):
+    common = ["max_iter=8", "checkpoint_period=100"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "stopped")
+    torchrun = ["--nproc_per_node", "2", "--master_port", free_port()]
+    done = run(train_cmd(demo_root, ref, *common, torchrun=torchrun))
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.Popen(train_cmd(demo_root, out, *common, torchrun=["--nproc_per_node", "2", "--master_port",
+                                                                         free_port()]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_iteration(out, 3, proc)
+        proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to both ranks, as a scheduler's would
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    saved = checkpoint.training_checkpoints(out)
+    assert len(saved) == 1, stdout[-2000:] + stderr[-3000:]
+    it = checkpoint.load(saved[0])["iteration"]
+    assert 3 <= it < 8 and f"SIGTERM at iteration {it}" in stdout
+    resumed = run(train_cmd(demo_root, out, *common, "--resume",
+                            torchrun=["--nproc_per_node", "2", "--master_port", free_port()]))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert same_weights(os.path.join(ref, "model_0000008.pth"), os.path.join(out, "model_0000008.pth"))
