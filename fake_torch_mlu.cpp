@@ -307,6 +307,10 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
 
 TORCH_LIBRARY_IMPL(_, PrivateUse1, m) { m.fallback(torch::CppFunction::makeFromBoxedFunction<&fallback>()); }
 
+// Ops without an autograd formula (torch.ops.frcnn_ops.*, torchvision::nms) pass the autograd key, as torch_mlu's
+// MLUFallback.cpp registers it; torch 2.1 has no such default.
+TORCH_LIBRARY_IMPL(_, AutogradPrivateUse1, m) { m.fallback(torch::CppFunction::makeFallthrough()); }
+
 // Composite ops that pick a backend by device type and would land in the unimplemented *_overrideable variants:
 // run the whole op on the CPU instead.
 TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {

@@ -331,6 +331,31 @@ def _register_group_norm():
     _libs.append(lib)
 
 
+def _register_indexing():
+    """torch 2.1's boxed CPU fallback leaves `Tensor?[]` arguments on the device, so x[idx] with device indices
+    fails there; these kernels move the indices too. Registered only where the fallback needs them."""
+    try:
+        torch.zeros(2, device="mlu")[torch.zeros(1, dtype=torch.long, device="mlu")]
+        return
+    except RuntimeError:
+        pass
+
+    def host(indices):
+        return [i.cpu() if i is not None else None for i in indices]
+
+    def index(self, indices):
+        return torch.ops.aten.index.Tensor(self.cpu(), host(indices)).to(self.device)
+
+    def index_put_impl(self, indices, values, accumulate=False, unsafe=False):
+        out = torch.ops.aten.index_put.default(self.cpu(), host(indices), values.cpu(), accumulate)
+        return self.copy_(out)
+
+    lib = torch.library.Library("aten", "IMPL")
+    lib.impl("index.Tensor", index, "PrivateUse1")
+    lib.impl("_index_put_impl_", index_put_impl, "PrivateUse1")
+    _libs.append(lib)
+
+
 # -------------------------------------------------------------------------------------------------- install
 def install():
     """What `import torch_mlu` does; idempotent. For tests, the environment narrows what the fake offers:
@@ -346,6 +371,7 @@ def install():
     torch.utils.generate_methods_for_privateuse1_backend(for_tensor=True, for_module=True, for_storage=True)
     _register_autocast_rules()
     _register_group_norm()
+    _register_indexing()
     if os.environ.get("FAKE_MLU_TORCHVISION_KERNELS", "1") != "0":
         _register_torchvision_kernels()
     utils = types.ModuleType("torch_mlu.utils")

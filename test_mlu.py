@@ -73,7 +73,8 @@ def test_mlu_stand_in_device_and_torch_mlu_api(shim):
         assert torch.equal((x.t() @ x).cpu(), torch.arange(12.0).reshape(3, 4).t() @ torch.arange(12.0).reshape(3, 4))
         y = torch.empty(2, 3, 4, 5, device="mlu", memory_format=torch.channels_last)
         assert y.stride() == (60, 1, 15, 3)
-        assert torch.ones(3).pin_memory("mlu" if not hasattr(torch, "accelerator") else None).is_pinned()
+        dev = () if hasattr(torch, "accelerator") else ("mlu",)  # before torch.accelerator: name the device
+        assert torch.ones(3).pin_memory(*dev).is_pinned(*dev)
         buf = io.BytesIO(); torch.save({"w": x}, buf); buf.seek(0)
         assert torch.load(buf)["w"].device.type == "mlu"
         # amp: autocast("mlu") and a GradScaler that scales, unscales and steps on mlu tensors
