@@ -10,17 +10,20 @@ our kernels run on. offset=1 is maskrcnn-benchmark's legacy "+1" box convention 
 intersections +1 too); a box is suppressed when IoU > iou_threshold (upstream's CPU kernel used >=, its CUDA
 kernel >; we follow CUDA and torchvision).
 
-The backend is chosen per device type in one place, `_choose_backend`, which prints one line saying what it chose:
+The backend is chosen per device type and per op in one place, `_choose_backends`, which prints one line saying
+which op runs where:
     cpu          native kernels of ops_mlu.cpp; if they cannot be built, torchvision's CPU kernels
-    mlu          our CNNL kernels if they built and pass a one-time self-test, else the torchvision kernels that
-                 torch_mlu registers, else a CPU round trip (with a warning)
+    mlu          per op, the first that passes a one-time self-test against the CPU kernels (ops_mlu.py): our CNNL
+                 kernels, then the torchvision kernels that torch_mlu registers; else a CPU round trip (warned).
+                 Both MLU routes get inputs CNNL accepts (ops_mlu.py)
     cuda, other  torchvision's kernels (offset=1 NMS shifts x2, y2 by +1, which gives the legacy IoU exactly)
 FRCNN_OPS=auto (default) | native (our kernels or fail) | torchvision (torchvision's kernels everywhere) |
 cpu (non-CPU tensors make a CPU round trip through our kernels) overrides that choice.
 
 The extension is JIT-built on first use with torch.utils.cpp_extension into
 $FRCNN_OPS_BUILD_DIR (default: torch's extension cache, ~/.cache/torch_extensions), in a folder whose name hashes
-the source, the flags and the torch version, so an edit rebuilds and a cached start only loads the .so.
+the source, the flags and the versions of torch (and of torch_mlu and CNNL for the MLU variant), so an edit or an
+SDK upgrade rebuilds and a cached start only loads the .so.
 """
 import hashlib
 import importlib.util
@@ -35,7 +38,8 @@ from torch.autograd.function import once_differentiable
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ops_mlu.cpp")
 _MODES = ("auto", "native", "torchvision", "cpu")
 _ext = {"tried": False, "ok": False, "mlu": False, "error": "", "build_s": None, "path": None}
-_backends = {}  # device type -> backend name, filled by backend_name()
+_OPS = ("nms", "roi_align")
+_backends = {}  # device type -> {op: backend name}, filled by backend_name()
 
 
 def _log(msg):
@@ -51,9 +55,13 @@ def _mode():
 
 # ------------------------------------------------------------------------------------------------- building
 def _mlu_build_args():
-    """(cflags, include dirs, ldflags) for the WITH_MLU variant, or None with the reason (mlu.md 6, 'ops.py' 2)."""
+    """(cflags, include dirs, ldflags) for the WITH_MLU variant, or None with the reason."""
     if importlib.util.find_spec("torch_mlu") is None:
         return None, "torch_mlu not installed"
+    # torch_mlu's include_paths() guesses /usr/local/neuware_home when NEUWARE_HOME is unset
+    # (torch_mlu/utils/cpp_extension.py); Cambricon's images install the SDK at /usr/local/neuware.
+    if not os.environ.get("NEUWARE_HOME") and os.path.isdir("/usr/local/neuware"):
+        os.environ["NEUWARE_HOME"] = "/usr/local/neuware"
     try:  # a broken SDK raises OSError/RuntimeError, not only ImportError
         import torch_mlu  # noqa: F401
         from torch_mlu.utils import cpp_extension as mlu_ext
@@ -68,12 +76,24 @@ def _mlu_build_args():
     return (["-DWITH_MLU"], incs, ldflags), ""
 
 
+def _sdk_version(incs):
+    """torch_mlu's version and a hash of cnnl.h (which holds CNNL's version macros): part of the build cache key."""
+    mod = sys.modules.get("torch_mlu")
+    parts = [str(getattr(mod, "__version__", None))]
+    for d in incs:
+        if os.path.isfile(os.path.join(d, "cnnl.h")):
+            with open(os.path.join(d, "cnnl.h"), "rb") as f:
+                parts.append(hashlib.sha1(f.read()).hexdigest())
+    return parts
+
+
 def _build(cflags, incs, ldflags, tag):
     """Load the variant from the cache, building it first if needed; returns the .so path or raises."""
     from torch.utils import cpp_extension
     flags = ["-O3"] + (["-fopenmp"] if torch._C.has_openmp else []) + cflags  # at::parallel_for is OpenMP inline
     with open(_SRC, "rb") as f:
-        key = hashlib.sha1(f.read() + repr((flags, incs, ldflags, torch.__version__, sys.version)).encode())
+        sdk = _sdk_version(incs) if tag == "mlu" else []
+        key = hashlib.sha1(f.read() + repr((flags, incs, ldflags, torch.__version__, sys.version, sdk)).encode())
     name = f"frcnn_ops_{tag}_{key.hexdigest()[:12]}"
     root = os.environ.get("FRCNN_OPS_BUILD_DIR") or cpp_extension.get_default_build_root()
     build_dir = os.path.join(root, name)
@@ -145,78 +165,87 @@ def _tv_has_kernel(op, key):
         return False
 
 
-def _choose_backend(dev):
-    """The one place that decides which kernels serve a device type. Returns (backend, reason)."""
+def _mlu_backends():
+    """The backends that could serve MLU tensors, in order of preference: our CNNL kernels, torch_mlu's."""
+    found = ["native-mlu"] if load_extension() and _ext["mlu"] else []
+    if _tv_has_kernel("torchvision::nms", "PrivateUse1") and _tv_has_kernel("torchvision::roi_align", "PrivateUse1"):
+        found.append("torchvision")
+    return found
+
+
+def _mlu_kernel(backend, op):
+    """The CNNL-backed kernel of `backend` for `op`, called by ops_mlu.mlu_nms / mlu_roi_align."""
+    if backend == "native-mlu":
+        if op == "nms":
+            return lambda b, s, t: torch.ops.frcnn_ops.nms(b, s, t, 0.0, None)
+        return lambda x, r, size, scale, ratio, al: _RoIAlign.apply(x, r, scale, size[0], size[1], ratio, al)
+    import torchvision
+    return (lambda b, s, t: torch.ops.torchvision.nms(b, s, t)) if op == "nms" else torchvision.ops.roi_align
+
+
+def _choose_mlu(mode):
+    """Per op, the first MLU backend whose kernel passes the self-test (ops_mlu.py); else the CPU round trip."""
+    import ops_mlu
+    chosen, notes, found = {}, [], _mlu_backends()
+    if mode == "native" and found[:1] != ["native-mlu"]:
+        raise RuntimeError(f"FRCNN_OPS=native but our MLU kernels are not built ({_ext['error'] or 'see above'})")
+    for op, self_test, route in (("nms", ops_mlu.self_test_nms, ops_mlu.mlu_nms),
+                                 ("roi_align", ops_mlu.self_test_roi_align, ops_mlu.mlu_roi_align)):
+        for backend in found[:1] if mode == "native" else found:
+            err = self_test(lambda *a: route(*a, kernel=_mlu_kernel(backend, op)), "mlu")
+            if not err:
+                chosen[op] = backend
+                break
+            notes.append(f"{op}: {backend} failed the self-test ({err})")
+        if op not in chosen and mode == "native":
+            raise RuntimeError(f"FRCNN_OPS=native but {notes[-1]}")
+        chosen.setdefault(op, "cpu-roundtrip")
+    if not found:
+        notes.append("our MLU kernels are not built and torch_mlu registers no torchvision kernels")
+    if "cpu-roundtrip" in chosen.values():
+        warnings.warn("ops: " + "; ".join(notes) + ": those ops make a slow CPU round trip on MLU tensors")
+    return chosen, "; ".join(notes) or "self-tests passed"
+
+
+def _choose_backends(dev):
+    """The one place that decides which kernels serve a device type. Returns ({op: backend}, reason)."""
     mode = _mode()
     if mode == "torchvision":
-        return "torchvision", "forced by FRCNN_OPS=torchvision"
+        return dict.fromkeys(_OPS, "torchvision"), "forced by FRCNN_OPS=torchvision"
     if dev == "cpu" or mode == "cpu":
         if load_extension():
-            return ("native" if dev == "cpu" else "cpu-roundtrip"), "ops_mlu.cpp CPU kernels" + (
+            return dict.fromkeys(_OPS, "native" if dev == "cpu" else "cpu-roundtrip"), "ops_mlu.cpp CPU kernels" + (
                 "" if dev == "cpu" else ", forced CPU round trip by FRCNN_OPS=cpu")
         if mode == "native":
             raise RuntimeError(f"FRCNN_OPS=native but ops_mlu.cpp did not build: {_ext['error']}")
-        return ("torchvision" if dev == "cpu" else "cpu-roundtrip"), \
+        return dict.fromkeys(_OPS, "torchvision" if dev == "cpu" else "cpu-roundtrip"), \
             f"ops_mlu.cpp did not build ({_ext['error']}); torchvision's CPU kernels instead"
     if dev == "mlu":
-        if load_extension() and _ext["mlu"]:
-            err = _mlu_self_test()
-            if not err:
-                return "native-mlu", "ops_mlu.cpp CNNL kernels (self-test passed)"
-            reason = f"our MLU kernels failed the self-test ({err})"
-        else:
-            reason = "our MLU kernels are not built"
-        if mode == "native":
-            raise RuntimeError(f"FRCNN_OPS=native but {reason}")
-        if _tv_has_kernel("torchvision::nms", "PrivateUse1") and \
-                _tv_has_kernel("torchvision::roi_align", "PrivateUse1"):
-            return "torchvision", f"{reason}; torchvision kernels registered by torch_mlu"
-        warnings.warn(f"ops: {reason} and torch_mlu registers no torchvision kernels: NMS and ROIAlign on MLU "
-                      "tensors make a slow CPU round trip")
-        return "cpu-roundtrip", reason
+        return _choose_mlu(mode)
     if mode == "native":
         raise RuntimeError(f"FRCNN_OPS=native but ops_mlu.cpp has no kernels for device type {dev!r}")
-    return "torchvision", "torchvision's kernels"
+    return dict.fromkeys(_OPS, "torchvision"), "torchvision's kernels"
 
 
-def backend_name(device):
-    """Backend serving tensors on `device` ('native', 'native-mlu', 'torchvision', 'cpu-roundtrip'); the first
-    call per device type decides and prints one line."""
+def backend_name(device, op=None):
+    """Backend serving `op` ('nms' or 'roi_align') on `device`: 'native', 'native-mlu', 'torchvision' or
+    'cpu-roundtrip'; without op, that name when both ops agree, else 'nms=X,roi_align=Y'. The first call per device
+    type decides and prints one line."""
     dev = torch.device(device).type
     if dev not in _backends:
-        backend, reason = _choose_backend(dev)
-        _backends[dev] = backend
-        _log(f"{dev} -> {backend} ({reason})")
-    return _backends[dev]
+        chosen, reason = _choose_backends(dev)
+        _backends[dev] = chosen
+        where = chosen["nms"] if len(set(chosen.values())) == 1 else ", ".join(f"{k} {v}" for k, v in chosen.items())
+        _log(f"{dev} -> {where} ({reason})")
+    chosen = _backends[dev]
+    if op is not None:
+        return chosen[op]
+    return chosen["nms"] if len(set(chosen.values())) == 1 else ",".join(f"{k}={v}" for k, v in chosen.items())
 
 
 def reset_backends():
     """Forget the per-device choices (tests change FRCNN_OPS); the loaded extension stays."""
     _backends.clear()
-
-
-def _mlu_self_test():
-    """One small NMS and ROIAlign forward/backward on the MLU against our CPU kernels; '' when they agree."""
-    try:
-        boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30.]])
-        scores = torch.tensor([0.9, 0.8, 0.7])
-        want = torch.ops.frcnn_ops.nms(boxes, scores, 0.5, 0.0, None)
-        got = _mlu_nms(boxes.to("mlu"), scores.to("mlu"), 0.5, 0).cpu()
-        if not torch.equal(got, want):
-            return f"nms gave {got.tolist()}, want {want.tolist()}"
-        x = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)
-        rois = torch.tensor([[0, 0.5, 0.5, 3.0, 2.5]])
-        args = (1.0, 2, 2, 2, False)
-        y_cpu = torch.ops.frcnn_ops.roi_align_forward(x, rois, *args)
-        g_cpu = torch.ops.frcnn_ops.roi_align_backward(torch.ones_like(y_cpu), rois, 1.0, 2, 2, 1, 2, 4, 4, 2, False)
-        y = torch.ops.frcnn_ops.roi_align_forward(x.to("mlu"), rois.to("mlu"), *args).cpu()
-        g = torch.ops.frcnn_ops.roi_align_backward(torch.ones_like(y_cpu).to("mlu"), rois.to("mlu"), 1.0, 2, 2,
-                                                   1, 2, 4, 4, 2, False).cpu()
-        if not (torch.allclose(y, y_cpu, atol=1e-3) and torch.allclose(g, g_cpu, atol=1e-3)):
-            return "roi_align differs from the CPU kernels by more than 1e-3"
-        return ""
-    except Exception as e:  # noqa: BLE001
-        return _first_line(e)
 
 
 # ----------------------------------------------------------------------------------------------------- NMS
@@ -231,21 +260,9 @@ def _native_nms(boxes, scores, iou_threshold, offset, labels=None):
     return torch.ops.frcnn_ops.nms(boxes, scores.to(boxes.dtype), float(iou_threshold), float(offset), labels)
 
 
-def _mlu_nms(boxes, scores, iou_threshold, offset):
-    # CNNL requires x1 < x2 and y1 < y2 (mlu.md 3.2). Under torchvision's rule a degenerate box has IoU 0 (or
-    # NaN) with every box, so it is always kept and never suppresses: keep those without asking CNNL.
-    # Known difference left in: CNNL drops boxes whose score is <= 0 (confidence_threshold 0).
-    boxes, scores = _shift_legacy(boxes.float(), offset), scores.float()
-    valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    vi, di = valid.nonzero().squeeze(1), (~valid).nonzero().squeeze(1)
-    kept = torch.cat([vi[torch.ops.frcnn_ops.nms(boxes[vi], scores[vi], float(iou_threshold), 0.0, None)], di])
-    kept = kept.sort()[0]  # then a stable score sort: equal scores keep the lower index first
-    return kept[torch.sort(scores[kept], descending=True, stable=True)[1]]
-
-
 def nms(boxes, scores, iou_threshold, offset=0):
     """Kept indices (int64) of `boxes` (N,4) x1y1x2y2 after NMS, by decreasing score (ties: lower index first)."""
-    return _nms(backend_name(boxes.device), boxes, scores, iou_threshold, offset)
+    return _nms(backend_name(boxes.device, "nms"), boxes, scores, iou_threshold, offset)
 
 
 def _nms(backend, boxes, scores, iou_threshold, offset):
@@ -253,17 +270,18 @@ def _nms(backend, boxes, scores, iou_threshold, offset):
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     if backend == "native":
         return _native_nms(boxes, scores, iou_threshold, offset)
-    if backend == "native-mlu":
-        return _mlu_nms(boxes, scores, iou_threshold, offset)
     if backend == "cpu-roundtrip":
-        return _nms(backend_name("cpu"), boxes.cpu(), scores.cpu(), iou_threshold, offset).to(boxes.device)
+        return _nms(backend_name("cpu", "nms"), boxes.cpu(), scores.cpu(), iou_threshold, offset).to(boxes.device)
+    if boxes.device.type == "mlu":  # our CNNL kernels or torch_mlu's: CNNL-safe inputs (ops_mlu.py)
+        import ops_mlu
+        return ops_mlu.mlu_nms(boxes, scores, iou_threshold, offset, kernel=_mlu_kernel(backend, "nms"))
     import torchvision
     return torchvision.ops.nms(_shift_legacy(boxes, offset), scores.to(boxes.dtype), iou_threshold)
 
 
 def batched_nms(boxes, scores, idxs, iou_threshold, offset=0):
     """NMS independently per category idxs (N,); kept indices (int64) by decreasing score."""
-    return _batched_nms(backend_name(boxes.device), boxes, scores, idxs, iou_threshold, offset)
+    return _batched_nms(backend_name(boxes.device, "nms"), boxes, scores, idxs, iou_threshold, offset)
 
 
 def _batched_nms(backend, boxes, scores, idxs, iou_threshold, offset):
@@ -275,7 +293,7 @@ def _batched_nms(backend, boxes, scores, idxs, iou_threshold, offset):
         labels = torch.unique(idxs, return_inverse=True)[1]
         return _native_nms(boxes, scores, iou_threshold, offset, labels)
     if backend == "cpu-roundtrip":
-        return _batched_nms(backend_name("cpu"), boxes.cpu(), scores.cpu(), idxs.cpu(), iou_threshold,
+        return _batched_nms(backend_name("cpu", "nms"), boxes.cpu(), scores.cpu(), idxs.cpu(), iou_threshold,
                             offset).to(boxes.device)
     # Other kernels: torchvision's coordinate-offset trick, one NMS where categories can never overlap. The gap
     # uses the full extent (torchvision uses only max + 1, which lets negative boxes of two categories touch).
@@ -315,31 +333,27 @@ def boxes_to_rois(boxes):
 def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
     """(K,C,ph,pw) features of rois (K,5) = (batch_idx, x1,y1,x2,y2) in image coordinates, from input (B,C,H,W)
     at `spatial_scale`; sampling_ratio <= 0 is adaptive (ceil(roi_size / output_size) samples per bin)."""
-    return _roi_align(backend_name(input.device), input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    return _roi_align(backend_name(input.device, "roi_align"), input, rois, output_size, spatial_scale,
+                      sampling_ratio, aligned)
 
 
 def _roi_align(backend, input, rois, output_size, spatial_scale, sampling_ratio, aligned):
     ph, pw = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
     if isinstance(rois, (list, tuple)):
         rois = boxes_to_rois(rois)
+    if backend == "cpu-roundtrip":  # autograd follows .cpu() and .to() back to the device
+        return _roi_align(backend_name("cpu", "roi_align"), input.cpu(), rois.cpu(), (ph, pw), spatial_scale,
+                          sampling_ratio, aligned).to(input.device)
+    if input.device.type == "mlu":  # our CNNL kernels or torch_mlu's: CNNL-safe inputs (ops_mlu.py)
+        import ops_mlu
+        return ops_mlu.mlu_roi_align(input, rois, (ph, pw), spatial_scale, sampling_ratio, aligned,
+                                     kernel=_mlu_kernel(backend, "roi_align"))
     if backend == "torchvision":
         import torchvision
         return torchvision.ops.roi_align(input, rois.to(input.dtype), (ph, pw), spatial_scale, sampling_ratio,
                                          aligned)
-    if backend == "cpu-roundtrip":  # autograd follows .cpu() and .to() back to the device
-        return _roi_align(backend_name("cpu"), input.cpu(), rois.cpu(), (ph, pw), spatial_scale, sampling_ratio,
-                          aligned).to(input.device)
-    x = input
-    if backend == "native-mlu":
-        # CNNL wants float, x1,y1 >= 0 and x2 > x1, y2 > y1 (mlu.md 3.3); the detector's proposals are clipped
-        # to the image, so this clamp changes nothing for it.
-        x = input.float()
-        r = rois.float().clone()
-        r[:, 1:3] = r[:, 1:3].clamp(min=0)
-        r[:, 3:5] = torch.maximum(r[:, 3:5], r[:, 1:3] + 1e-3)
-        rois = r
-    elif x.dtype not in (torch.float32, torch.float64):
-        x = x.float()  # half/bf16 on CPU: accumulate in float32, as upstream's AMP float_function did
+    # half/bf16 on CPU: accumulate in float32, as upstream's AMP float_function did
+    x = input if input.dtype in (torch.float32, torch.float64) else input.float()
     out = _RoIAlign.apply(x, rois.to(x.dtype), float(spatial_scale), int(ph), int(pw), int(sampling_ratio),
                           bool(aligned))
     return out.to(input.dtype)

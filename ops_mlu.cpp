@@ -5,7 +5,7 @@
 // Semantics follow torchvision.ops (the reference the tests compare against), which for ROIAlign with
 // aligned=False is exactly maskrcnn-benchmark's legacy kernel. The CPU kernels are always built; the MLU kernels
 // live in one `#ifdef WITH_MLU` block at the end, compiled only when ops.py found torch_mlu and its headers, so
-// nothing MLU-related can break the CPU build. Facts for that block: ../shared/spec/mlu.md sections 2, 3 and 6.
+// nothing MLU-related can break the CPU build.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -27,8 +27,8 @@ namespace {
 // boxes, stopping at the first suppressor, is the same decision as torchvision's "each kept box suppresses all
 // later ones" but touches far fewer pairs when boxes overlap. The IoU arithmetic is torchvision's, term for term,
 // so results are bit-identical: a zero-area box gives 0/0 = NaN, which is never > threshold.
-// offset = 1 is upstream's legacy +1 convention (maskrcnn_benchmark.md 3.6): widths, heights and intersections
-// all get +1. labels (dense ids 0..L-1, optional) restrict suppression to boxes of the same label (batched_nms).
+// offset = 1 is upstream's legacy +1 convention (maskrcnn_benchmark/csrc/cpu/nms_cpu.cpp): widths, heights and
+// intersections all get +1. labels (dense ids 0..L-1, optional) restrict suppression to boxes of the same label (batched_nms).
 
 template <typename T>
 at::Tensor nms_cpu_kernel(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold, T offset,
@@ -97,8 +97,8 @@ at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, double iou
 // ---------------------------------------------------------------------------------------------------------------
 // ROIAlign (CPU)
 //
-// Geometry is torchvision's roi_align (= maskrcnn-benchmark's legacy ROIAlign when aligned=False), spec
-// maskrcnn_benchmark.md 3.10: corners scaled with no half-pixel shift (aligned=False) or shifted by -0.5
+// Geometry is torchvision's roi_align (torchvision/csrc/ops/cpu/roi_align_kernel.cpp; with aligned=False exactly
+// maskrcnn-benchmark's legacy maskrcnn_benchmark/csrc/cpu/ROIAlign_cpu.cpp): corners scaled with no half-pixel shift (aligned=False) or shifted by -0.5
 // (aligned=True); roi size clamped to >= 1 only when aligned=False; bin = roi / pooled; adaptive grid =
 // ceil(roi / pooled); a sample with y < -1 or y > H (or x likewise) contributes 0 but still counts in the divisor;
 // otherwise coordinates are clamped into the map. The bilinear taps depend only on the RoI, not the channel, so
@@ -356,10 +356,16 @@ TORCH_LIBRARY_IMPL(frcnn_ops, CPU, m) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // MLU kernels (Cambricon), compiled only with -DWITH_MLU, which ops.py adds once torch_mlu imported and cnnl.h was
-// found. Targets torch_mlu >= 1.22 (PyTorch >= 2.1, PrivateUse1 key) and CNNL 1.2x or 2.x; facts and their sources
-// are in ../shared/spec/mlu.md (sections 2.5, 2.6, 3, 6). Not compiled or run here: ops.py runs a one-time
-// self-test against the CPU kernels before routing any MLU tensor here. Device pointers come from data_ptr(),
-// which equals torch_mlu's mlu_data_ptr for float and int32 (mlu.md 6.4); double/long never reach CNNL.
+// found. Targets torch_mlu >= 1.22 (PyTorch >= 2.1, PrivateUse1 key) and CNNL 1.2x or 2.x. Every call below follows
+// a Cambricon call site: torch_mlu's own torchvision kernels (torch_mlu/csrc/aten/operators/cnnl/{nms,roi_align}.cpp
+// and internal/{nms,roi_align}_internal.cpp; r1.22 for CNNL 1.2x, r2.4_develop for CNNL 2.0), mmcv's
+// mmcv/ops/csrc/pytorch/mlu/roi_align_mlu.cpp and mlu-ops' kernels/nms/nms.cpp. CI compiles this section against
+// declarations of both generations (fake_cnnl.h, test_mlu.py) and runs it on a stand-in device that emulates CNNL's
+// documented contract; on a real MLU, ops.py runs a one-time self-test against the CPU kernels before routing any
+// tensor here. ops_mlu.py (Python) makes the inputs CNNL-safe: valid boxes, positive distinct scores, the IoU
+// threshold as CNNL compares it, sanitised RoIs, sampling ratio >= 0. Device pointers come from data_ptr(), which
+// equals torch_mlu's mlu_data_ptr for float and int32 (torch_mlu/csrc/aten/utils/tensor_util.cpp: storage pointer plus
+// element size times offset, and only double is narrowed on chip); double/long never reach CNNL.
 #ifdef WITH_MLU
 #include "aten/cnnl/cnnlHandle.h"
 #include "cnnl.h"
@@ -389,8 +395,15 @@ cnnlDataType_t cnnl_dtype(const at::Tensor& t) {
   return CNNL_DTYPE_INVALID;
 }
 
+// A zeroed channels_last (NHWC) tensor. Not at::zeros(sizes, options.memory_format(ChannelsLast)): aten::zeros has
+// no memory-format argument, so that silently gives contiguous NCHW strides, which the NHWC descriptor below
+// refuses. Empty in the format, then zero, as mmcv's roi_align_mlu.cpp does.
+at::Tensor zeros_channels_last(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options, at::MemoryFormat::ChannelsLast).zero_();
+}
+
 // RAII tensor descriptor. A 4-D tensor is described NHWC (it must be channels_last contiguous); anything else as
-// a dense ARRAY (mlu.md 3.1).
+// a dense ARRAY (torch_mlu/csrc/aten/cnnl/cnnlTensorDescriptors.cpp reorders channels_last sizes to N, H, W, C).
 struct TensorDesc {
   cnnlTensorDescriptor_t desc = nullptr;
   explicit TensorDesc(const at::Tensor& t) {
@@ -398,7 +411,8 @@ struct TensorDesc {
     std::vector<int> dims;
     cnnlTensorLayout_t layout = CNNL_LAYOUT_ARRAY;
     if (t.dim() == 4) {
-      TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), "frcnn_ops MLU: 4-D tensors must be channels_last");
+      TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), "frcnn_ops MLU: 4-D tensors must be channels_last, "
+                  "got strides ", t.strides(), " for sizes ", t.sizes());
       dims = {int(t.size(0)), int(t.size(2)), int(t.size(3)), int(t.size(1))};
       layout = CNNL_LAYOUT_NHWC;
     } else {
@@ -424,14 +438,18 @@ struct RoiAlignDesc {
   ~RoiAlignDesc() { if (desc) cnnlDestroyRoiAlignDescriptor(desc); }
 };
 
-// Boxes here are valid (x1 < x2, y1 < y2) and offset-free: ops.py keeps degenerate boxes out and applies the
-// legacy +1 by shifting x2, y2 (mlu.md 3.2 constraints). Labels go through the coordinate-offset trick in ops.py.
+// Inputs come from ops_mlu.py: valid boxes (x1 < x2, y1 < y2) with any legacy +1 already added to x2, y2, scores
+// positive and distinct in the order wanted, and iou_threshold already the float32 value at which CNNL's
+// "drop at IoU >= t" equals torchvision's "drop at IoU > t". Labels go through the coordinate-offset trick there.
 at::Tensor nms_mlu(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold, double offset,
                    const c10::optional<at::Tensor>& labels) {
   TORCH_CHECK(!(labels.has_value() && labels->defined()), "frcnn_ops MLU nms: labels unsupported (ops.py shifts)");
   TORCH_CHECK(offset == 0, "frcnn_ops MLU nms: offset must be applied by ops.py");
   TORCH_CHECK(boxes.dim() == 2 && boxes.size(1) == 4 && scores.dim() == 1 && scores.size(0) == boxes.size(0),
               "frcnn_ops MLU nms: boxes (N, 4) and scores (N,), got ", boxes.sizes(), " and ", scores.sizes());
+  const float thr = static_cast<float>(iou_threshold);
+  TORCH_CHECK(static_cast<double>(thr) == iou_threshold, "frcnn_ops MLU nms: iou_threshold ", iou_threshold,
+              " is not a float32 value; ops_mlu.cnnl_iou_threshold makes CNNL's >= rule equal to > t");
   const int64_t n = boxes.size(0);
   if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
   torch_mlu::mlu::MLUGuard guard(boxes.device());
@@ -439,16 +457,13 @@ at::Tensor nms_mlu(const at::Tensor& boxes, const at::Tensor& scores, double iou
   at::Tensor out = at::empty({n}, b.options().dtype(at::kInt));
   at::Tensor out_size = at::zeros({1}, b.options().dtype(at::kInt));
   TensorDesc b_desc(b), s_desc(s), out_desc(out);
-  // CNNL drops a box at IoU >= threshold, torchvision at > (mlu.md 3.2): the next float up makes them agree
-  // for IoUs computed in float.
-  const float thr = std::nextafter(static_cast<float>(iou_threshold), INFINITY);
   const int max_out = static_cast<int>(n), layout = 0;
-  const float zero = 0.0f;
+  const float zero = 0.0f;  // confidence threshold: scores are > 0 (ops_mlu.rank_scores), so none is dropped
   NmsDesc nms_desc;
   auto handle = torch_mlu::getCurrentHandle();
   size_t ws_bytes = 0;
 #if CNNL_MAJOR >= 2
-  // CNNL 2.0: one setter per attribute; value types as torch_mlu 1.25 passes them [I].
+  // CNNL 2.0: one setter per attribute; value types as torch_mlu 1.25 passes them.
   const cnnlNmsBoxPointMode_t box_mode = CNNL_NMS_BOX_DIAGONAL;
   const cnnlNmsOutputMode_t out_mode = CNNL_NMS_OUTPUT_TARGET_INDICES;
   const bool pad = false;
@@ -462,7 +477,7 @@ at::Tensor nms_mlu(const at::Tensor& boxes, const at::Tensor& scores, double iou
   FRCNN_CNNL_CHECK(cnnlSetNmsDescAttr(nms_desc.desc, CNNL_NMS_DESC_PAD_TO_MAX_OUTPUT_SIZE, &pad, sizeof(pad)));
   FRCNN_CNNL_CHECK(cnnlGetNmsWorkspaceSize_v4(handle, nms_desc.desc, b_desc.desc, s_desc.desc, &ws_bytes));
 #else
-  // CNNL 1.2x (torch_mlu 1.22): torch_mlu's own settings for torchvision::nms (mlu.md 3.2, 6.6).
+  // CNNL 1.2x (torch_mlu 1.22): torch_mlu's own settings for torchvision::nms (cnnlOpDescriptors.cpp).
   FRCNN_CNNL_CHECK(cnnlSetNmsDescriptor_v5(nms_desc.desc, CNNL_NMS_BOX_DIAGONAL, CNNL_NMS_OUTPUT_TARGET_INDICES,
                                            CNNL_NMS_ALGO_EXCLUDE_BOUNDARY, CNNL_NMS_HARD_NMS, thr, zero, max_out,
                                            zero, zero, layout, false));
@@ -475,20 +490,23 @@ at::Tensor nms_mlu(const at::Tensor& boxes, const at::Tensor& scores, double iou
   return out.slice(0, 0, kept).to(at::kLong);  // output mode 0: already by decreasing score
 }
 
-void check_mlu_roi_args(const at::Tensor& t, const at::Tensor& rois) {
+void check_mlu_roi_args(const at::Tensor& t, const at::Tensor& rois, int64_t sampling_ratio) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && rois.scalar_type() == at::kFloat,
               "frcnn_ops MLU roi_align: float tensors expected (ops.py casts)");
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, "frcnn_ops MLU roi_align: rois (K, 5), got ", rois.sizes());
+  // CNNL documents sampling_ratio 0 for adaptive sampling (mlu_op.h, mluOpRoiAlignForward_v2's example) and no
+  // negative value; ops_mlu.py maps torchvision's -1 to 0.
+  TORCH_CHECK(sampling_ratio >= 0, "frcnn_ops MLU roi_align: sampling_ratio ", sampling_ratio, " < 0 (ops.py maps "
+              "adaptive -1 to 0)");
 }
 
 at::Tensor roi_align_forward_mlu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
                                  int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
-  check_mlu_roi_args(input, rois);
+  check_mlu_roi_args(input, rois, sampling_ratio);
   TORCH_CHECK(input.dim() == 4, "frcnn_ops MLU roi_align: input (N, C, H, W), got ", input.sizes());
   torch_mlu::mlu::MLUGuard guard(input.device());
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast), r = rois.contiguous();
-  at::Tensor out = at::zeros({rois.size(0), input.size(1), pooled_h, pooled_w},
-                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor out = zeros_channels_last({rois.size(0), input.size(1), pooled_h, pooled_w}, x.options());
   if (out.numel() == 0 || x.numel() == 0) return out;
   TensorDesc x_desc(x), r_desc(r), out_desc(out);
   RoiAlignDesc desc;
@@ -503,15 +521,14 @@ at::Tensor roi_align_forward_mlu(const at::Tensor& input, const at::Tensor& rois
 at::Tensor roi_align_backward_mlu(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
                                   int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
                                   int64_t height, int64_t width, int64_t sampling_ratio, bool aligned) {
-  check_mlu_roi_args(grad, rois);
+  check_mlu_roi_args(grad, rois, sampling_ratio);
   torch_mlu::mlu::MLUGuard guard(grad.device());
   const at::Tensor g = grad.contiguous(at::MemoryFormat::ChannelsLast), r = rois.contiguous();
-  // Zeroed, as mmcv does; torch_mlu leaves it uninitialised (mlu.md 3.3).
-  at::Tensor grad_input = at::zeros({batch_size, channels, height, width},
-                                    g.options().memory_format(at::MemoryFormat::ChannelsLast));
+  // Zeroed, as mmcv does; torch_mlu leaves it uninitialised (internal/roi_align_internal.cpp).
+  at::Tensor grad_input = zeros_channels_last({batch_size, channels, height, width}, g.options());
   if (g.numel() == 0 || grad_input.numel() == 0) return grad_input;
   TensorDesc g_desc(g), r_desc(r), gi_desc(grad_input);
-  // _v2 with NULL argmax and average pooling: the entry point kept in CNNL 2.0 (mlu.md 3.3).
+  // _v2 with NULL argmax and average pooling: the entry point kept in CNNL 2.0 (torch_mlu 1.25 calls it so).
   FRCNN_CNNL_CHECK(cnnlRoiAlignBackward_v2(torch_mlu::getCurrentHandle(), g_desc.desc, g.data_ptr(), r_desc.desc,
                                            r.data_ptr(), nullptr, nullptr, nullptr, nullptr, float(spatial_scale),
                                            int(sampling_ratio), aligned, /*pool_mode avg=*/1, gi_desc.desc,

@@ -313,21 +313,18 @@ def test_cpu_roundtrip_route_matches_native():
     assert x.grad.abs().sum() > 0
 
 
-def test_mlu_routing_without_our_kernels(monkeypatch):
-    # No MLU kernels are built here; the route then depends on torch_mlu registering torchvision's kernels.
-    assert not ops.extension_info()["mlu"]
-    monkeypatch.setattr(ops, "_tv_has_kernel", lambda op, key: True)
-    assert ops._choose_backend("mlu")[0] == "torchvision"
-    monkeypatch.setattr(ops, "_tv_has_kernel", lambda op, key: False)
+def test_routing_without_mlu_kernels_and_bad_modes(monkeypatch):
+    # No MLU kernels and no torchvision kernels for the device: both ops make the CPU round trip, warned once.
+    monkeypatch.setattr(ops, "_mlu_backends", lambda: [])
     with pytest.warns(UserWarning, match="CPU round trip"):
-        assert ops._choose_backend("mlu")[0] == "cpu-roundtrip"
-    assert ops._choose_backend("cuda")[0] == "torchvision"
+        assert ops._choose_backends("mlu")[0] == {"nms": "cpu-roundtrip", "roi_align": "cpu-roundtrip"}
+    assert ops._choose_backends("cuda")[0] == {"nms": "torchvision", "roi_align": "torchvision"}
     monkeypatch.setenv("FRCNN_OPS", "native")
     with pytest.raises(RuntimeError, match="MLU kernels"):
-        ops._choose_backend("mlu")
+        ops._choose_backends("mlu")
     monkeypatch.setenv("FRCNN_OPS", "bogus")
     with pytest.raises(ValueError, match="auto, native, torchvision, cpu"):
-        ops._choose_backend("cpu")
+        ops._choose_backends("cpu")
 
 
 def test_build_failure_falls_back_to_torchvision(tmp_path):
@@ -345,3 +342,192 @@ def test_build_failure_falls_back_to_torchvision(tmp_path):
     assert "BACKEND torchvision" in proc.stdout
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ops: ")]
     assert len(lines) == 1 and "did not build" in lines[0], proc.stderr
+
+
+# ------------------------------------------------------------------- the MLU preparation (ops_mlu.py), on CPU
+# CNNL's contract is emulated by fake_torch_mlu.cnnl_nms (drop at IoU >= t, drop score <= 0, valid boxes only) and
+# checked by fake_torch_mlu._check_roi_contract; torchvision's CPU kernels stand in for CNNL's ROIAlign arithmetic.
+import ops_mlu  # noqa: E402
+from fake_torch_mlu import _check_roi_contract, cnnl_nms  # noqa: E402
+
+F32_ABOVE = {0.3: 0.30000001192092896, 0.5: 0.5000000596046448, 0.6: 0.6000000238418579, 0.7: 0.7000000476837158}
+
+
+@pytest.mark.parametrize("t", [0.3, 0.5, 0.6, 0.7, 0.05, 1.0])
+def test_cnnl_iou_threshold_turns_ge_into_gt(t):
+    # float32(0.3) and float32(0.6) lie above the real value, float32(0.7) below it, 0.5 is exact: by hand, the
+    # smallest float32 above t is float32(t) for 0.3 and 0.6 and the next float up for 0.5 and 0.7.
+    tp = ops_mlu.cnnl_iou_threshold(t)
+    if t in F32_ABOVE:
+        assert tp == F32_ABOVE[t]
+    f = torch.tensor(t, dtype=torch.float32)
+    for direction in (float("inf"), float("-inf")):
+        g = f.clone()
+        for _ in range(6):  # every float32 IoU within 6 steps of float32(t): IoU >= t' exactly when IoU > t
+            assert (g.item() >= tp) == (g.item() > t), (t, g.item(), tp)
+            g = torch.nextafter(g, torch.tensor(direction))
+    assert ops_mlu.cnnl_iou_threshold(0.0) == torch.finfo(torch.float32).tiny  # no subnormal t'
+
+
+def test_rank_scores_positive_distinct_in_our_order():
+    scores = torch.tensor([0.0, 0.5, -1.0, 0.5, 0.9, 0.0])
+    r = ops_mlu.rank_scores(scores)
+    assert (r > 0).all() and len(set(r.tolist())) == 6
+    # descending score, equal scores by lower index: 4, 1, 3, 0, 5, 2
+    assert torch.argsort(r, descending=True).tolist() == [4, 1, 3, 0, 5, 2]
+
+
+def nms_case(seed, n=300):
+    gen = torch.Generator().manual_seed(seed)
+    boxes = random_boxes(n, gen, size=60.0, extent=200.0).mul(16).round().div(16)
+    boxes[:5, 2] = boxes[:5, 0]  # zero width: degenerate (with offset=1, one pixel wide)
+    boxes[5:10, 2] = boxes[5:10, 0] - 2  # inverted: degenerate with either offset
+    scores = torch.randint(0, 8, (n,), generator=gen).float() / 8  # ties, an eighth of them exactly 0
+    return boxes, scores
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("t", [0.3, 0.5, 0.6, 0.7])
+def test_mlu_nms_under_cnnl_rules_equals_cpu_kernel(t, offset):
+    boxes, scores = nms_case(int(t * 10) + offset)
+    pairs = ops_mlu._near_threshold_pairs(t, offset, first_column=5)  # IoUs at and beside the threshold
+    boxes = torch.cat([boxes, pairs])
+    scores = torch.cat([scores, torch.tensor([0.9, 0.8]).repeat(len(pairs) // 2)])
+    want = ops.nms(boxes, scores, t, offset)
+    assert torch.equal(ops_mlu.mlu_nms(boxes, scores, t, offset, kernel=cnnl_nms), want)
+    # the inputs exercise every rule: CNNL's kernel alone drops zero scores, refuses degenerate boxes, and with
+    # the real threshold (or the old nudge, one float above float32(t)) keeps another set at the threshold
+    valid = ops._shift_legacy(boxes, offset)
+    live = (valid[:, 2] > valid[:, 0]) & (valid[:, 3] > valid[:, 1])
+    assert (scores[want] == 0).any() and not live[want].all()
+    with pytest.raises(RuntimeError, match="BAD_PARAM"):
+        cnnl_nms(valid, scores, t)
+    f = torch.tensor(t, dtype=torch.float32)
+    old_nudge = torch.nextafter(f, torch.tensor(1.0)).item()
+    for wrong in {f.item(), old_nudge} - {ops_mlu.cnnl_iou_threshold(t)}:  # no nudge is right for 0.3 and 0.6
+        got = ops_mlu.mlu_nms(boxes, scores, t, offset, kernel=lambda b, s, _: cnnl_nms(b, s, wrong))
+        assert not torch.equal(got, want), wrong
+
+
+def test_sanitize_rois_keeps_valid_rois_and_torchvision_results():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 8, 20, 24, generator=gen)
+    rois = random_rois(64, 2, 20, 24, gen, scale=0.25)
+    rois[:, 1:] = rois[:, 1:].clamp(min=0)  # corners >= 0, as the detector's clipped proposals
+    rois[:4, 3] = rois[:4, 1]  # zero width
+    rois[4:8, 4] = rois[4:8, 2] - 3  # inverted height
+    safe = ops_mlu.sanitize_rois(rois)
+    _check_roi_contract(safe, 0)
+    ok = (rois[:, 3] > rois[:, 1]) & (rois[:, 4] > rois[:, 2])
+    assert ok.sum() > 40 and torch.equal(safe[ok], rois[ok])  # valid RoIs: bit for bit unchanged
+    for ratio in (2, 0):  # aligned=False: a sub-pixel width counts as one pixel, so the result is unchanged
+        assert torch.equal(torchvision.ops.roi_align(x, safe, 7, 0.25, ratio),
+                           torchvision.ops.roi_align(x, rois, 7, 0.25, ratio))
+    # aligned=True, adaptive: torchvision gives 0 for empty RoIs, and so does the MLU preparation
+    tv = lambda x, r, size, s, ratio, al: torchvision.ops.roi_align(x, r, size, s, ratio, al)  # noqa: E731
+    torch.testing.assert_close(ops_mlu.mlu_roi_align(x, rois, (7, 7), 0.25, -1, True, kernel=tv),
+                               torchvision.ops.roi_align(x, rois, 7, 0.25, -1, True), atol=1e-6, rtol=1e-6)
+    # coordinates past 2^14, where 1e-3 is below half a float step, still get x2 > x1
+    far = ops_mlu.sanitize_rois(torch.tensor([[0, 40000.0, 3, 40000, 3]]))
+    assert far[0, 3] > far[0, 1] and far[0, 4] > far[0, 2]
+
+
+def test_mlu_roi_align_maps_adaptive_sampling_to_zero():
+    seen = []
+
+    def kernel(x, r, size, scale, ratio, aligned):
+        _check_roi_contract(r, ratio)  # CNNL documents 0 (adaptive) and no negative value
+        seen.append(ratio)
+        return torchvision.ops.roi_align(x, r, size, scale, ratio, aligned)
+
+    x = torch.randn(1, 4, 10, 10)
+    rois = torch.tensor([[0, 1.0, 1, 30, 20]])
+    out = ops_mlu.mlu_roi_align(x, rois, (3, 3), 0.25, -1, False, kernel=kernel)
+    assert seen == [0] and torch.equal(out, torchvision.ops.roi_align(x, rois, 3, 0.25, -1))
+
+
+# ----------------------------------------------------------------------------- the self-test's power, on CPU
+def cnnl_route(b, s, t, o):
+    return ops_mlu.mlu_nms(b, s, t, o, kernel=cnnl_nms)
+
+
+def tv_roi(x, r, size, scale, ratio, aligned):
+    return torchvision.ops.roi_align(x, r, size, scale, ratio, aligned)
+
+
+def test_self_test_passes_right_kernels_and_rejects_wrong_ones():
+    assert ops_mlu.self_test_nms(cnnl_route, "cpu") == ""
+    f32 = lambda t: torch.tensor(t, dtype=torch.float32)  # noqa: E731
+    wrong_nms = {
+        "no nudge (CNNL's >= at t)": lambda b, s, t, o: ops_mlu.mlu_nms(b, s, t, o, lambda bb, ss, _: cnnl_nms(bb, ss, t)),
+        "old nudge (next float above float32(t))": lambda b, s, t, o: ops_mlu.mlu_nms(
+            b, s, t, o, lambda bb, ss, _: cnnl_nms(bb, ss, torch.nextafter(f32(t), f32(1)).item())),
+        "offset ignored": lambda b, s, t, o: cnnl_route(b, s, t, 0),
+        "centre-size box mode": lambda b, s, t, o: ops_mlu.mlu_nms(b, s, t, o, lambda bb, ss, tt: cnnl_nms(
+            torch.cat([bb[:, :2] - bb[:, 2:] / 2, bb[:, :2] + bb[:, 2:] / 2], 1), ss, tt)),
+        "CNNL without the preparation": lambda b, s, t, o: cnnl_nms(ops._shift_legacy(b, o), s, t),
+    }
+    for name, run in wrong_nms.items():
+        assert ops_mlu.self_test_nms(run, "cpu") != "", name
+
+    def route(kernel):
+        return lambda *a: ops_mlu.mlu_roi_align(*a, kernel=kernel)
+
+    assert ops_mlu.self_test_roi_align(route(tv_roi), "cpu") == ""
+    wrong_roi = {
+        "aligned ignored": lambda x, r, size, s, ratio, al: tv_roi(x, r, size, s, ratio, False),
+        "scale 1/8": lambda x, r, size, s, ratio, al: tv_roi(x, r, size, 0.125, ratio, al),
+        "sampling fixed at 2": lambda x, r, size, s, ratio, al: tv_roi(x, r, size, s, 2, al),
+        "channels reversed": lambda x, r, size, s, ratio, al: tv_roi(x, r, size, s, ratio, al).flip(1),
+        "no gradient scaling": lambda x, r, size, s, ratio, al: ScaleGrad.apply(tv_roi(x, r, size, s, ratio, al)),
+    }
+    for name, kernel in wrong_roi.items():
+        assert ops_mlu.self_test_roi_align(route(kernel), "cpu") != "", name
+
+
+class ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient doubled: a backward kernel that is wrong while the forward is right."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+# ------------------------------------------------------------------------------------ building for the MLU
+def test_build_cache_key_changes_with_torch_mlu_and_cnnl(tmp_path, monkeypatch):
+    from torch.utils import cpp_extension
+    built = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, **kw: built.append(name))
+    monkeypatch.setenv("FRCNN_OPS_BUILD_DIR", str(tmp_path / "cache"))
+    inc = tmp_path / "include"
+    inc.mkdir()
+    fake = type(sys)("torch_mlu")
+    monkeypatch.setitem(sys.modules, "torch_mlu", fake)
+    for version, cnnl in (("1.22.2-torch2.1.0", 26), ("1.22.3-torch2.1.0", 26), ("1.22.3-torch2.1.0", 28)):
+        fake.__version__ = version
+        (inc / "cnnl.h").write_text(f"#define CNNL_MAJOR 1\n#define CNNL_MINOR {cnnl}\n")
+        ops._build(["-DWITH_MLU"], [str(inc)], [], "mlu")
+    assert len(set(built)) == 3, built  # an SDK upgrade gets its own build, never the stale .so
+
+
+def test_neuware_home_defaults_to_cambricons_path(monkeypatch):
+    import importlib.util
+    real_isdir, real_find_spec = os.path.isdir, importlib.util.find_spec
+    monkeypatch.delenv("NEUWARE_HOME", raising=False)
+    monkeypatch.setattr(os.path, "isdir", lambda p: p == "/usr/local/neuware" or real_isdir(p))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: n == "torch_mlu" or real_find_spec(n, *a))
+    fake, ext = type(sys)("torch_mlu"), type(sys)("torch_mlu.utils.cpp_extension")
+    # torch_mlu's own lookup: NEUWARE_HOME, else /usr/local/neuware_home (torch_mlu/utils/cpp_extension.py)
+    ext.include_paths = lambda: [os.path.join(os.environ.get("NEUWARE_HOME", "/usr/local/neuware_home"), "include")]
+    ext.library_paths = lambda: [os.path.join(os.environ.get("NEUWARE_HOME", "/usr/local/neuware_home"), "lib64")]
+    fake.utils = type(sys)("torch_mlu.utils")
+    fake.utils.cpp_extension = ext
+    for name, mod in (("torch_mlu", fake), ("torch_mlu.utils", fake.utils), ("torch_mlu.utils.cpp_extension", ext)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    args, why = ops._mlu_build_args()
+    assert os.environ.get("NEUWARE_HOME") == "/usr/local/neuware"
+    assert why == "cnnl.h not found in torch_mlu's include paths"  # looked in /usr/local/neuware/include
