@@ -407,7 +407,8 @@ def _build_index(ann, train):
     np.cumsum(np.fromiter(map(len, encoded), np.int64, n), out=name_off[1:])
     counts = [["without 'iscrowd' (taken as 0)", int((~has_crowd).sum())],
               ["without 'area' (not used in training)", int((~has_area).sum())],
-              ["boxes dropped without positive area inside the image (degenerate, outside, NaN/inf)", int((~keep).sum())]]
+              ["boxes dropped without positive area inside the image (degenerate, outside, NaN/inf)",
+               int((~keep).sum())]]
     meta = {"version": INDEX_VERSION, "source": os.path.realpath(ann), "digest": digest, "cat_ids": cat_ids,
             "names": names, "annotations": len(d.get("annotations") or []), "counts": counts, "eval_error": eval_error,
             "repeated_ids": sum(k > 1 for k in uses.values()) if dup is not None else 0}
@@ -476,7 +477,8 @@ class CocoDetection(torch.utils.data.Dataset):
         count["annotation ids used more than once (all kept)"] = meta["repeated_ids"]
         self.notes = [f"data: {split}: {n} {what}" for what, n in count.items() if n]
         if train and not len(rows):
-            raise ValueError(f"{ann}: no image has a usable box ({meta['annotations']} annotations): nothing to train on")
+            raise ValueError(f"{ann}: no image has a usable box ({meta['annotations']} annotations): nothing to "
+                             f"train on")
         self.ids = a["ids"][rows].tolist()
         self.boxes = _Cut(a["boxes"], a["box_off"][rows], a["box_off"][rows + 1], _copy)  # (G, 4) writable copies
         self.labels = _Cut(a["labels"], a["box_off"][rows], a["box_off"][rows + 1], _copy)
