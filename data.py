@@ -152,7 +152,7 @@ def cache_dirs():
 def coco_index(ann, train):
     """(meta, arrays) of the json `ann` (see _build_index). The index file is named after the json's real path and
     used only when it records the SHA-1 of the json's current bytes, so an edited json is never served stale. It
-    is written to a temporary file and renamed, so a process killed mid-write leaves no partial index; an
+    is written to a temporary file and renamed, so a process killed mid-write leaves no partial index; the folder's
     exclusive lock (released by the kernel if its holder dies) makes the machine's other processes wait for the
     first one's build and map its file instead of parsing too. Without a writable folder every process builds."""
     sha1 = hashlib.sha1()
@@ -167,7 +167,7 @@ def coco_index(ann, train):
             return index
         try:
             os.makedirs(folder, exist_ok=True)
-            lock = open(path + ".lock", "a")
+            lock = open(os.path.join(folder, "lock"), "a")  # one for the folder: no lock file per json to clean up
         except OSError:
             continue  # read-only or absent: the next folder
         with lock:
@@ -222,9 +222,8 @@ def _write_index(path, meta, arrays):
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError), open(name, "rb") as f:
             gone = not os.path.exists(_read_header(f)[0]["source"])
         if gone:  # its json was deleted (a test's temp folder, a moved data set): the folder must not grow for ever
-            for old in (name, name + ".lock"):
-                with contextlib.suppress(OSError):
-                    os.remove(old)
+            with contextlib.suppress(OSError):
+                os.remove(name)
     table, size = {}, 0
     for k, a in arrays.items():
         table[k], size = [a.dtype.str, list(a.shape), size], size + -(-a.nbytes // 64) * 64
