@@ -94,6 +94,10 @@ class Config:
     #   data_root is that folder (the demo preset: its own data_root)
     train_split: str = "train2017"  # training split: annotations/instances_{split}.json and {split}/
     val_split: str = "val2017"  # split evaluated during and after training, and by evaluate.py
+    train_ann: str = ""  # the training split's COCO json, when not in data_root's layout ("" = that layout)
+    train_images: str = ""  # the folder its file_name paths are relative to ("" = data_root/train_split)
+    val_ann: str = ""  # the same for the validation split
+    val_images: str = ""  # the same for the validation split
     num_workers: int = 4  # data-loader worker processes per device
     aspect_grouping: bool = True  # batches of one aspect group only (h/w < 1 and h/w >= 1), as upstream
 

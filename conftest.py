@@ -19,6 +19,13 @@ TINY = ["min_size_train=(96,)", "max_size_train=128", "min_size_test=96", "max_s
         "rpn_post_nms_top_n_train=100", "fpn_post_nms_top_n_train=100", "roi_batch_per_image=32"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """data.py's per-machine index of each json goes to a temporary folder, not the user's ~/.cache (subprocesses
+    inherit it)."""
+    os.environ.setdefault("FRCNN_DATA_CACHE", str(tmp_path_factory.mktemp("data_cache")))
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """The demo's generated shapes, 24 training and 8 validation images (read-only for tests)."""

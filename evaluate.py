@@ -175,6 +175,7 @@ def evaluate_coco(net, cfg, device, rank=0, world_size=1):
     the metrics (others: None)."""
     split, out = cfg.val_split, cfg.output_dir
     loader = data.make_test_loader(cfg, split, rank, world_size)
+    data.check_classes(loader.dataset, cfg)
     dets = predict(net, loader, device, rank, world_size)
     if rank != 0:
         return None
@@ -185,7 +186,7 @@ def evaluate_coco(net, cfg, device, rank=0, world_size=1):
     with open(os.path.join(out, f"coco_results_{split}.json"), "w") as f:
         json.dump(results, f)
     evaluator = coco_evaluator()
-    stats = coco_stats(os.path.join(cfg.data_root, "annotations", f"instances_{split}.json"), results, evaluator)
+    stats = coco_stats(ds.ann_file, results, evaluator)
     metrics = {"split": split, "images": len(ds), "detections": len(results), "evaluator": evaluator[0], **stats}
     with open(os.path.join(out, f"metrics_{split}.json"), "w") as f:
         json.dump(metrics, f, indent=1)

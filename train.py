@@ -170,8 +170,9 @@ def main(argv=None):
     optimizer = make_optimizer(model, cfg)
     autocast = dict(fp16=torch.float16, bf16=torch.bfloat16).get(cfg.amp)
     scaler = None
-    if cfg.amp == "fp16":  # torch.amp.GradScaler(device) is torch 2.3+; cuda's own before that
-        scaler = torch.amp.GradScaler(device.type) if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler()
+    if cfg.amp == "fp16":  # torch.amp.GradScaler(device) is torch 2.3+; each device module's own before that
+        scaler = (torch.amp.GradScaler(device.type) if hasattr(torch.amp, "GradScaler")
+                  else getattr(torch, device.type).amp.GradScaler())
     start_iter, state = init_weights(model, cfg, args.resume, rank)
     if state:
         optimizer.load_state_dict(state["optimizer"])
