@@ -411,7 +411,12 @@ class RPN(nn.Module):
         labels, reg_targets = torch.stack(labels), torch.stack(reg_targets)
         num = sampled.sum().clamp(min=1)
         box_loss = smooth_l1(deltas[pos] - reg_targets[pos], beta=1.0 / 9) / num
-        obj_loss = F.binary_cross_entropy_with_logits(logits[sampled], labels[sampled])
+        sampled_logits = logits[sampled]
+        # Upstream (rpn/loss.py) takes the mean over the sampled anchors, NaN when none is sampled: an image so thin
+        # after resizing (2000x20 -> 1333x13) that every anchor straddles its border. A sum over nothing is 0, and
+        # it keeps the head in the graph (DDP expects every parameter's gradient). Any other batch: the mean.
+        obj_loss = F.binary_cross_entropy_with_logits(sampled_logits, labels[sampled],
+                                                      reduction="mean" if sampled_logits.numel() else "sum")
         return {"loss_objectness": obj_loss, "loss_rpn_box_reg": box_loss}
 
 
@@ -526,7 +531,10 @@ class BoxHead(nn.Module):
         pos = torch.nonzero(labels > 0).squeeze(1)
         cols = 4 * labels[pos, None] + torch.arange(4, device=labels.device)  # (P, 4)
         box_loss = smooth_l1(deltas[pos[:, None], cols] - reg_targets[pos], beta=1.0) / max(labels.numel(), 1)
-        return {"loss_classifier": F.cross_entropy(logits, labels), "loss_box_reg": box_loss}
+        # Upstream's mean over the sampled rois (box_head/loss.py) is NaN over none; each image's own gt is always
+        # sampled as a positive (IoU 1), so only a batch without gt could get there: a sum over nothing is 0.
+        cls_loss = F.cross_entropy(logits, labels, reduction="mean" if labels.numel() else "sum")
+        return {"loss_classifier": cls_loss, "loss_box_reg": box_loss}
 
     def postprocess(self, logits, deltas, proposals, image_sizes):
         """Softmax, decode every class, clip, per class score > thresh and NMS, cap per image
