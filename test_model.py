@@ -150,12 +150,21 @@ def test_sampler_counts():
     torch.manual_seed(0)
     labels = torch.cat([torch.ones(10), torch.zeros(1000), -torch.ones(50)])
     pos, neg = model.sample_pos_neg(labels, 256, 0.5)
-    assert (pos.sum(), neg.sum()) == (10, 246) and not (pos | neg)[-50:].any()
+    assert (len(pos), len(neg)) == (10, 246) and (torch.cat([pos, neg]) < 1010).all()
     labels = torch.cat([torch.full((300,), 3), torch.zeros(1000)]).long()
     pos, neg = model.sample_pos_neg(labels, 512, 0.25)
-    assert (pos.sum(), neg.sum()) == (128, 384) and (labels[pos] == 3).all() and (labels[neg] == 0).all()
+    assert (len(pos), len(neg)) == (128, 384) and (labels[pos] == 3).all() and (labels[neg] == 0).all()
+    assert len(set(pos.tolist())) == 128 and pos.tolist() == sorted(pos.tolist())  # distinct, in index order
     pos, neg = model.sample_pos_neg(torch.cat([torch.ones(200), torch.zeros(20)]), 256, 0.5)
-    assert (pos.sum(), neg.sum()) == (128, 20)
+    assert (len(pos), len(neg)) == (128, 20)
+    # the same draws as upstream's nonzero + randperm (balanced_positive_negative_sampler.py), in index order
+    labels = torch.randint(-1, 3, (5000,))
+    torch.manual_seed(1)
+    pos, neg = model.sample_pos_neg(labels, 256, 0.25)
+    torch.manual_seed(1)
+    want = [torch.nonzero(labels >= 1).squeeze(1), torch.nonzero(labels == 0).squeeze(1)]
+    want = [w[torch.randperm(len(w))[:n]].sort().values for w, n in zip(want, (64, 192))]
+    assert torch.equal(pos, want[0]) and torch.equal(neg, want[1])
 
 
 def test_level_mapper_edges():
