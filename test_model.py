@@ -358,3 +358,28 @@ def test_every_loss_and_gradient_finite_for_legal_images(preset, one_thread):
         losses = check_finite_losses_and_grads(m, sizes, targets, gen)
         empty_rpn += int(losses["loss_objectness"] == 0)
     assert empty_rpn >= 1  # the case that used to be NaN was drawn
+
+
+def test_inference_fold_cache_follows_weight_changes():
+    """The folded conv weights kept between inference forwards (FrozenBatchNorm2d.fold) are recomputed after
+    load_state_dict and after an optimizer step, so a cached forward equals a fresh model's."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(freeze_at=0)
+    m, fresh = model.build_model(cfg).eval(), model.build_model(cfg).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        m.backbone(x)  # fills the cache with m's own weights
+        m.load_state_dict(fresh.state_dict())
+        assert all(torch.equal(a, b) for a, b in zip(m.backbone(x), fresh.backbone(x)))
+        bn = m.backbone.body.layer2[0].bn2
+        bn.running_var.mul_(4)  # in place, as an optimizer or a buffer broadcast would
+        fresh.backbone.body.layer2[0].bn2.running_var.mul_(4)
+        assert bn._folded_key is not None
+        assert all(torch.equal(a, b) for a, b in zip(m.backbone(x), fresh.backbone(x)))
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m.backbone(x)[0].sum().backward()
+    opt.step()
+    fresh.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(m.eval().backbone(x), fresh.backbone(x)))
