@@ -149,9 +149,11 @@ class FrozenBatchNorm2d(nn.Module):
     def fold(self, conv_weight):
         """(conv_weight * scale, shift): the preceding conv with this norm folded in. Where no gradient flows to the
         conv (inference, frozen stages) the pair is kept until one of its five tensors changes in place or moves:
-        the same arithmetic, four small kernels fewer per conv per forward (they dominate a GPU's batch-1 time)."""
+        the same arithmetic, four small kernels fewer per conv per forward. Tensors made under inference_mode keep
+        no version counter: those are folded anew each time."""
         tensors = (conv_weight, self.weight, self.bias, self.running_mean, self.running_var)
-        if (torch.is_grad_enabled() and conv_weight.requires_grad) or torch.compiler.is_compiling():
+        if (torch.is_grad_enabled() and conv_weight.requires_grad) or torch.compiler.is_compiling() or \
+                any(t.is_inference() for t in tensors):
             return self._fold(conv_weight)
         key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
         if getattr(self, "_folded_key", None) != key:
@@ -484,7 +486,8 @@ class Pooler(nn.Module):
         # level otherwise). A level outside 0..L-1 (a NaN box size) goes last and keeps zero features.
         n = len(feats)
         levels = torch.where((levels >= 0) & (levels < n), levels, n)
-        counts = torch.zeros(n + 1, dtype=torch.int64, device=levels.device).scatter_add_(0, levels, torch.ones_like(levels))
+        counts = torch.zeros(n + 1, dtype=torch.int64, device=levels.device).scatter_add_(0, levels,
+                                                                                      torch.ones_like(levels))
         per_level = levels.sort(stable=True).indices.split(counts.tolist())
         c, r = feats[0].shape[1], self.resolution
         out = feats[0].new_zeros((len(rois), c, r, r))

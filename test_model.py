@@ -383,3 +383,26 @@ def test_inference_fold_cache_follows_weight_changes():
     fresh.load_state_dict(m.state_dict())
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(m.eval().backbone(x), fresh.backbone(x)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_forward_matches_cpu():
+    """The same tiny model on CUDA (FP32, TF32 off) and on the CPU: equal features to float32 rounding, and a
+    training step and an inference with finite losses and valid detections."""
+    import launch
+    launch.numeric_policy(config.Config(tf32=False))
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    cpu = model.build_model(cfg)
+    gpu = model.build_model(cfg).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    images, sizes = torch.randn(2, 3, 128, 160) * 50, [(128, 150), (110, 160)]
+    with torch.no_grad():
+        for a, b in zip(cpu.backbone(images), gpu.backbone(images.cuda())):
+            torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+    losses = gpu.train()(images.cuda(), sizes, [{k: v.cuda() for k, v in t.items()} for t in targets_for(sizes)])
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    with torch.no_grad():
+        out = gpu.eval()(images.cuda(), sizes)
+    assert len(out) == 2 and all(d["boxes"].is_cuda and (d["scores"] > cfg.score_thresh).all() for d in out)
