@@ -119,7 +119,14 @@ class Config:
     keep_checkpoints: int = 3  # newest checkpoints kept in output_dir
     eval_period: int = 0  # iterations between evaluations (0: only at the end)
     log_period: int = 20  # iterations between log lines
-    amp: str = ""  # "" (FP32, upstream), "bf16" or "fp16" autocast
+    amp: str = ""  # "" (FP32, upstream), "bf16" or "fp16" autocast: convolutions and matmuls in 16 bits, losses,
+    #   softmax and box decoding in float32 (README, Speed); bf16 is the fast path on accelerators
+    tf32: bool = False  # TF32 tensor cores for FP32 convolutions and matmuls on CUDA/MLU (launch.numeric_policy, train
+    #   and evaluation alike): faster, 10-bit mantissa products; off as upstream ran (V100s have no TF32)
+    channels_last: bool = True  # backbone in NHWC memory order: faster oneDNN (CPU) and tensor-core (bf16, TF32)
+    #   convolutions; the values differ from NCHW's in the last bits (other kernels)
+    compile_backbone: str = ""  # torch.compile the backbone in this mode: "default", "reduce-overhead" (CUDA graphs,
+    #   fixed-size batches) or "max-autotune"; "" off. Fused kernels: last-bit differences, minutes to compile
     seed: int = 0  # base random seed (each rank adds its rank)
     weights: str = "R-101.pkl"  # initial weights: Detectron's ImageNet pickle (R-101.pkl, R-50.pkl), or a
     #   detector checkpoint to fine-tune (upstream's .pth or ours; another class count skips the predictor);
@@ -133,7 +140,8 @@ class Config:
     device: str = "cuda"  # cpu, cuda or mlu (each process takes card LOCAL_RANK)
 
 
-CHOICES = {"norm": ("frozen_bn", "gn"), "amp": ("", "bf16", "fp16"), "device": ("cpu", "cuda", "mlu")}
+CHOICES = {"norm": ("frozen_bn", "gn"), "amp": ("", "bf16", "fp16"), "device": ("cpu", "cuda", "mlu"),
+           "compile_backbone": ("", "default", "reduce-overhead", "max-autotune")}
 
 
 PRESETS = {

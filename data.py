@@ -90,7 +90,7 @@ def resize_size(w, h, min_size, max_size):
     size = min_size
     lo, hi = float(min(w, h)), float(max(w, h))
     if max_size is not None and hi / lo * size > max_size:
-        size = int(round(max_size * lo / hi))
+        size = max(1, int(round(max_size * lo / hi)))  # at least 1 px: a 2000x2 strip would give 0 (PIL raises)
     if (w <= h and w == size) or (h <= w and h == size):
         return w, h
     if w < h:

@@ -69,18 +69,20 @@ def load(ckpt_path, preset=None, overrides=(), verbose=True):
 
 
 @torch.inference_mode()
-def predict(net, loader, device, rank=0, world_size=1):
+def predict(net, loader, device, rank=0, world_size=1, amp=""):
     """Detections on every image of loader.dataset, each rank running its shard, gathered on rank 0 by dataset
     index: {index: {"boxes" (D, 4) float32 xyxy, "scores" (D,), "labels" (D,) 1..K-1}} on the CPU (None on other
     ranks). Boxes are in the original image's pixels (the json's size for a COCO split), rescaled per axis from the
-    resized input without +1, as upstream's prepare_for_coco_detection (BoxList.resize)."""
+    resized input without +1, as upstream's prepare_for_coco_detection (BoxList.resize). amp: config's amp."""
     from tqdm import tqdm
     ds, was_training = loader.dataset, net.training
     net.eval()
     mine = {}
     with tqdm(total=sum(len(b) for b in loader.batch_sampler), desc="images", disable=rank != 0, leave=False) as bar:
         for images, sizes, _, indices in loader:
-            for i, (rh, rw), det in zip(indices, sizes, net(images.to(device), sizes)):
+            with launch.autocast(device, amp):
+                out = net(images.to(device), sizes)
+            for i, (rh, rw), det in zip(indices, sizes, out):
                 det = {k: v.cpu() for k, v in det.items()}
                 ow, oh = ds.sizes[i]
                 det["boxes"] = det["boxes"].to(torch.float32) * torch.tensor([ow / rw, oh / rh, ow / rw, oh / rh])
@@ -176,7 +178,7 @@ def evaluate_coco(net, cfg, device, rank=0, world_size=1):
     split, out = cfg.val_split, cfg.output_dir
     loader = data.make_test_loader(cfg, split, rank, world_size)
     data.check_classes(loader.dataset, cfg)
-    dets = predict(net, loader, device, rank, world_size)
+    dets = predict(net, loader, device, rank, world_size, cfg.amp)
     if rank != 0:
         return None
     ds = loader.dataset
@@ -228,7 +230,7 @@ def run_images(args, net, cfg, device, categories, rank, world_size):
     label_to_cat_id = {label: c["id"] for label, c in enumerate(categories, 1)}
     names = ["__background__"] + [c["name"] for c in categories]
     loader = data.make_test_loader(cfg, rank=rank, world_size=world_size, dataset=data.ImageFiles(paths, cfg))
-    dets = predict(net, loader, device, rank, world_size)
+    dets = predict(net, loader, device, rank, world_size, cfg.amp)
     if rank != 0:
         return
     results = []
@@ -253,9 +255,7 @@ def main(argv=None):
     if args.images:  # one image per forward unless asked: upstream's exact numbers
         overrides = ["test_ims_per_batch=1"] + overrides
     net, cfg, device, categories = load(args.ckpt, args.config, overrides, verbose=rank == 0)
-    # Upstream ran plain FP32; TF32 convolutions and matmuls (Ampere and later) would change its detections
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    launch.numeric_policy(cfg)  # FP32 as upstream ran it; TF32 only with tf32=true
     if cfg.test_ims_per_batch % world_size:
         raise config.ConfigError(f"test_ims_per_batch={cfg.test_ims_per_batch} is not divisible by {world_size} "
                                  f"processes: use a multiple of {world_size}")

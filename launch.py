@@ -5,6 +5,7 @@ paragraph and exit code 2.
     rank, world_size, local_rank = launch.env()          # 0, 1, 0 without torchrun
     device = launch.device(cfg.device, local_rank)       # or a ConfigError saying what to use instead
     launch.init_process_group(device, rank, world_size)  # gloo, nccl or cncl; nothing for one process
+    launch.numeric_policy(cfg)                           # FP32 as upstream, or TF32 when cfg.tf32
     ...
     launch.finish(world_size)
 
@@ -68,6 +69,26 @@ def init_process_group(device, rank, world_size):
 def finish(world_size):
     if world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def numeric_policy(cfg):
+    """FP32 math as upstream ran it (its V100s had no TF32), or TF32 tensor cores when cfg.tf32: convolutions and
+    matmuls on CUDA (cuDNN, cuBLAS) and MLU (CNNL), set the same way for training, the evaluation inside it and
+    evaluate.py. PyTorch's own default is mixed (cuDNN TF32 on, matmul off). Mixed precision is cfg.amp, apart."""
+    torch.backends.cudnn.allow_tf32 = cfg.tf32  # the legacy flags only: mixing in the fp32_precision API raises
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
+    mlu = getattr(torch.backends, "mlu", None)  # torch_mlu's flags, where it is installed
+    if mlu is not None and hasattr(mlu, "matmul"):
+        mlu.matmul.allow_tf32 = cfg.tf32
+    if hasattr(torch.backends, "cnnl"):
+        torch.backends.cnnl.allow_tf32 = cfg.tf32
+
+
+def autocast(device, amp):
+    """torch.autocast for config field amp ("" off, "bf16", "fp16"), the same in training and evaluation."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def synchronize(device):

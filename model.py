@@ -71,7 +71,10 @@ class BoxCoder:
 
     def decode(self, deltas, ref):
         """deltas (R, 4k) against ref (R, 4) -> boxes (R, 4k); column block 4j..4j+3 is class j."""
-        ref = ref.to(deltas.dtype)
+        # In the wider dtype: under bf16 autocast the heads' deltas are bf16 (8-bit mantissa: 4-px steps at x = 1000)
+        # and the anchors and proposals float32, which upstream's apex AMP (O1) promoted to as well. FP32: no-op.
+        dtype = torch.promote_types(deltas.dtype, ref.dtype)
+        deltas, ref = deltas.to(dtype), ref.to(dtype)
         wx, wy, ww, wh = self.weights
         pw, ph = ref[:, 2:3] - ref[:, 0:1] + 1, ref[:, 3:4] - ref[:, 1:2] + 1
         px, py = ref[:, 0:1] + 0.5 * pw, ref[:, 1:2] + 0.5 * ph
@@ -98,25 +101,26 @@ def match(iou, high, low, allow_low_quality):
     matches[(vals >= low) & (vals < high)] = BETWEEN
     if allow_low_quality:
         # Every prediction attaining some gt's best IoU (ties included, even IoU 0) gets back its own argmax gt.
+        # A mask and torch.where instead of upstream's nonzero: the same assignment without a host round trip.
         best = iou.max(1).values
-        preds = torch.nonzero(iou == best[:, None])[:, 1]
-        matches[preds] = originals[preds]
+        matches = torch.where((iou == best[:, None]).any(0), originals, matches)
     return matches
 
 
 def sample_pos_neg(labels, batch_size, positive_fraction):
-    """Random masks of at most batch_size*fraction positives (label >= 1) and negatives (== 0) to fill up."""
-    pos = torch.nonzero(labels >= 1).squeeze(1)
-    neg = torch.nonzero(labels == 0).squeeze(1)
-    num_pos = min(pos.numel(), int(batch_size * positive_fraction))
-    num_neg = min(neg.numel(), batch_size - num_pos)
-    pos = pos[torch.randperm(pos.numel(), device=pos.device)[:num_pos]]
-    neg = neg[torch.randperm(neg.numel(), device=neg.device)[:num_neg]]
-    pos_mask = torch.zeros_like(labels, dtype=torch.bool)
-    neg_mask = torch.zeros_like(labels, dtype=torch.bool)
-    pos_mask[pos] = True
-    neg_mask[neg] = True
-    return pos_mask, neg_mask
+    """Ascending indices of at most batch_size*fraction random positives (label >= 1) and of random negatives
+    (== 0) to fill up (modeling/balanced_positive_negative_sampler.py). A stable sort by class lists the positives,
+    then the negatives, each in index order as nonzero would, so one host read (the two counts) replaces two
+    nonzero; the same randperm draws as upstream's."""
+    cls = torch.where(labels >= 1, 0, torch.where(labels == 0, 1, 2))
+    order = cls.sort(stable=True).indices
+    total_pos, total_neg = torch.stack([(cls == 0).sum(), (cls == 1).sum()]).tolist()
+    pos, neg = order[:total_pos], order[total_pos:total_pos + total_neg]
+    num_pos = min(total_pos, int(batch_size * positive_fraction))
+    num_neg = min(total_neg, batch_size - num_pos)
+    pos = pos[torch.randperm(total_pos, device=pos.device)[:num_pos]]
+    neg = neg[torch.randperm(total_neg, device=neg.device)[:num_neg]]
+    return pos.sort().values, neg.sort().values
 
 
 def smooth_l1(x, beta):
@@ -142,6 +146,24 @@ class FrozenBatchNorm2d(nn.Module):
         scale = self.weight * self.running_var.rsqrt()
         return scale, self.bias - self.running_mean * scale
 
+    def fold(self, conv_weight):
+        """(conv_weight * scale, shift): the preceding conv with this norm folded in. Where no gradient flows to the
+        conv (inference, frozen stages) the pair is kept until one of its five tensors changes in place or moves:
+        the same arithmetic, four small kernels fewer per conv per forward. Tensors made under inference_mode keep
+        no version counter: those are folded anew each time."""
+        tensors = (conv_weight, self.weight, self.bias, self.running_mean, self.running_var)
+        if (torch.is_grad_enabled() and conv_weight.requires_grad) or torch.compiler.is_compiling() or \
+                any(t.is_inference() for t in tensors):
+            return self._fold(conv_weight)
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        if getattr(self, "_folded_key", None) != key:
+            self._folded, self._folded_key = self._fold(conv_weight), key
+        return self._folded
+
+    def _fold(self, conv_weight):
+        scale, shift = self.scale_shift()
+        return conv_weight * scale.view(-1, 1, 1, 1), shift
+
     def forward(self, x):
         scale, shift = self.scale_shift()
         return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
@@ -160,8 +182,7 @@ def conv_norm(x, conv, norm):
     affine map (equal within float32 rounding), one kernel instead of two passes over the activation, and the
     state dict keeps upstream's separate conv and bn entries. Autograd flows to W, so training uses it too."""
     if isinstance(norm, FrozenBatchNorm2d):
-        scale, shift = norm.scale_shift()
-        w = conv.weight * scale.view(-1, 1, 1, 1)
+        w, shift = norm.fold(conv.weight)
         return F.conv2d(x, w, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
     return norm(conv(x))
 
@@ -361,33 +382,47 @@ class RPN(nn.Module):
 
     def select_proposals(self, anchors, logits, deltas, image_sizes):
         """Per level per image: top-k, decode, clip, NMS 0.7, keep post_nms_top_n; then across levels
-        (rpn/inference.py, RPNPostProcessor and select_over_all_levels). Returns boxes per image [(R, 4)]."""
+        (rpn/inference.py, RPNPostProcessor and select_over_all_levels). Returns boxes per image [(R, 4)].
+        Top-k, decode and clip take all images of a level at once, and NMS all levels of an image at once
+        (ops.batched_nms with the level as category): upstream's per-level per-image values, fewer calls."""
         phase = 0 if self.training else 1
         pre_n, post_n = self.pre_nms_top_n[phase], self.post_nms_top_n[phase]
         n = len(image_sizes)
-        boxes, scores = [[] for _ in range(n)], [[] for _ in range(n)]
-        for anc, logit, delta in zip(anchors, logits, deltas):
+        boxes, scores, levels = [], [], []
+        for lvl, (anc, logit, delta) in enumerate(zip(anchors, logits, deltas)):
             obj, idx = logit.sigmoid().topk(min(pre_n, logit.shape[1]), dim=1, sorted=True)  # (N, k)
-            for i in range(n):
-                b = self.coder.decode(delta[i, idx[i]], anc[idx[i]])
-                b = clip_boxes(b, image_sizes[i])
-                s = obj[i]
-                if self.min_size > 0:
-                    keep = remove_small_boxes(b, self.min_size)
-                    b, s = b[keep], s[keep]
-                keep = ops.nms(b, s, self.nms_thresh, offset=1)[:post_n]  # input score-sorted: top post_n
-                boxes[i].append(b[keep])
-                scores[i].append(s[keep])
-        boxes = [torch.cat(b) for b in boxes]
-        scores = [torch.cat(s) for s in scores]
+            k = idx.shape[1]
+            b = self.coder.decode(delta.gather(1, idx[..., None].expand(n, k, 4)).reshape(-1, 4), anc[idx.flatten()])
+            boxes.append(b.view(n, k, 4))
+            scores.append(obj)
+            levels.append(torch.full((k,), lvl, device=obj.device))
+        boxes, scores, levels = torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(levels)  # (N, C, 4), (N, C), (C,)
+        # clip_boxes for every image at once: x to [0, w-1], y to [0, h-1]
+        hi = torch.tensor([[w - 1, h - 1] * 2 for h, w in image_sizes], dtype=boxes.dtype, device=boxes.device)
+        boxes = boxes.clamp(torch.zeros_like(hi[:, None]), hi[:, None])
+        out_boxes, out_scores = [], []
+        for b, s in zip(boxes, scores):
+            lv = levels
+            if self.min_size > 0:
+                keep = remove_small_boxes(b, self.min_size)
+                b, s, lv = b[keep], s[keep], lv[keep]
+            keep = ops.batched_nms(b, s, lv, self.nms_thresh, offset=1)  # by score (ties: lower index first)
+            keep = keep[lv[keep].sort(stable=True).indices]  # level by level, by score within, as upstream's cat
+            if post_n < min(pre_n, max(len(a) for a in anchors)):  # each level's top post_n (a rank per level)
+                lk = lv[keep]
+                keep = keep[torch.arange(len(keep), device=lk.device) - torch.searchsorted(lk, lk) < post_n]
+            out_boxes.append(b[keep])
+            out_scores.append(s[keep])
+        boxes, scores = out_boxes, out_scores
         top_n = self.fpn_post_nms_top_n[phase]
         if self.training and self.fpn_post_nms_per_batch:
             # Upstream quirk (rpn/inference.py, FPN_POST_NMS_PER_BATCH, default True): the training top-n spans
             # the whole per-device batch; each image gets back its share in its original order.
             all_scores = torch.cat(scores)
-            mask = torch.zeros_like(all_scores, dtype=torch.bool)
-            mask[all_scores.topk(min(top_n, all_scores.numel()), sorted=True)[1]] = True
-            return [b[m] for b, m in zip(boxes, mask.split([len(s) for s in scores]))]
+            chosen = all_scores.topk(min(top_n, all_scores.numel()), sorted=True)[1].sort().values  # ascending
+            starts = torch.tensor([0] + [len(s) for s in scores], device=chosen.device).cumsum(0)
+            cuts = torch.searchsorted(chosen, starts).tolist()  # image i's are chosen[cuts[i]:cuts[i + 1]]
+            return list(torch.cat(boxes)[chosen].split([b - a for a, b in zip(cuts, cuts[1:])]))
         return [b[s.topk(min(top_n, s.numel()), sorted=True)[1]] for b, s in zip(boxes, scores)]
 
     def loss(self, anchors, logits, deltas, image_sizes, targets):
@@ -405,13 +440,23 @@ class RPN(nn.Module):
             lab[m == BETWEEN] = -1
             labels.append(lab)
             reg_targets.append(self.coder.encode(gt[m.clamp(min=0)], anchors))
-        pos, neg = zip(*[sample_pos_neg(lab, self.batch_per_image, self.positive_fraction) for lab in labels])
-        pos, neg = torch.stack(pos), torch.stack(neg)  # (N, P)
-        sampled = pos | neg
-        labels, reg_targets = torch.stack(labels), torch.stack(reg_targets)
-        num = sampled.sum().clamp(min=1)
-        box_loss = smooth_l1(deltas[pos] - reg_targets[pos], beta=1.0 / 9) / num
-        obj_loss = F.binary_cross_entropy_with_logits(logits[sampled], labels[sampled])
+        # Indices into the (N*P) flattened anchors of all images, ascending: the rows a (N, P) mask would pick
+        p = len(anchors)
+        pos, sampled = [], []
+        for i, lab in enumerate(labels):
+            pos_i, neg_i = sample_pos_neg(lab, self.batch_per_image, self.positive_fraction)
+            pos.append(pos_i + i * p)
+            sampled.append(torch.cat([pos_i, neg_i]).sort().values + i * p)
+        pos, sampled = torch.cat(pos), torch.cat(sampled)
+        labels, reg_targets = torch.cat(labels), torch.cat(reg_targets)  # (N*P,), (N*P, 4)
+        num = torch.full((), max(len(sampled), 1), device=deltas.device)  # a device tensor, as upstream's count
+        box_loss = smooth_l1(deltas.reshape(-1, 4)[pos] - reg_targets[pos], beta=1.0 / 9) / num
+        sampled_logits = logits.reshape(-1)[sampled]
+        # Upstream (rpn/loss.py) takes the mean over the sampled anchors, NaN when none is sampled: an image so thin
+        # after resizing (2000x20 -> 1333x13) that every anchor straddles its border. A sum over nothing is 0, and
+        # it keeps the head in the graph (DDP expects every parameter's gradient). Any other batch: the mean.
+        obj_loss = F.binary_cross_entropy_with_logits(sampled_logits, labels[sampled],
+                                                      reduction="mean" if sampled_logits.numel() else "sum")
         return {"loss_objectness": obj_loss, "loss_rpn_box_reg": box_loss}
 
 
@@ -437,10 +482,16 @@ class Pooler(nn.Module):
     def forward(self, feats, boxes):
         rois = ops.boxes_to_rois(boxes)  # (R, 5)
         levels = map_levels(rois[:, 1:], self.k_min, self.k_max)
+        # Each level's rois in index order, from one stable sort and one host read of the counts (one nonzero per
+        # level otherwise). A level outside 0..L-1 (a NaN box size) goes last and keeps zero features.
+        n = len(feats)
+        levels = torch.where((levels >= 0) & (levels < n), levels, n)
+        counts = torch.zeros(n + 1, dtype=torch.int64, device=levels.device).scatter_add_(0, levels,
+                                                                                      torch.ones_like(levels))
+        per_level = levels.sort(stable=True).indices.split(counts.tolist())
         c, r = feats[0].shape[1], self.resolution
         out = feats[0].new_zeros((len(rois), c, r, r))
-        for lvl, (f, scale) in enumerate(zip(feats, self.scales)):
-            idx = torch.nonzero(levels == lvl).squeeze(1)
+        for f, scale, idx in zip(feats, self.scales, per_level):
             if idx.numel():
                 out[idx] = ops.roi_align(f.contiguous(), rois[idx], (r, r), scale, self.sampling_ratio, aligned=False)
         return out
@@ -514,7 +565,7 @@ class BoxHead(nn.Module):
             labels[m == BELOW_LOW] = 0
             labels[m == BETWEEN] = -1
             pos, neg = sample_pos_neg(labels, self.batch_per_image, self.positive_fraction)
-            keep = torch.nonzero(pos | neg).squeeze(1)  # sampled rois keep their original order
+            keep = torch.cat([pos, neg]).sort().values  # sampled rois keep their original order
             out_boxes.append(props[keep])
             out_labels.append(labels[keep])
             out_targets.append(self.coder.encode(gt[m[keep].clamp(min=0)], props[keep]))
@@ -526,7 +577,10 @@ class BoxHead(nn.Module):
         pos = torch.nonzero(labels > 0).squeeze(1)
         cols = 4 * labels[pos, None] + torch.arange(4, device=labels.device)  # (P, 4)
         box_loss = smooth_l1(deltas[pos[:, None], cols] - reg_targets[pos], beta=1.0) / max(labels.numel(), 1)
-        return {"loss_classifier": F.cross_entropy(logits, labels), "loss_box_reg": box_loss}
+        # Upstream's mean over the sampled rois (box_head/loss.py) is NaN over none; each image's own gt is always
+        # sampled as a positive (IoU 1), so only a batch without gt could get there: a sum over nothing is 0.
+        cls_loss = F.cross_entropy(logits, labels, reduction="mean" if labels.numel() else "sum")
+        return {"loss_classifier": cls_loss, "loss_box_reg": box_loss}
 
     def postprocess(self, logits, deltas, proposals, image_sizes):
         """Softmax, decode every class, clip, per class score > thresh and NMS, cap per image
@@ -546,8 +600,9 @@ class BoxHead(nn.Module):
             keep = ops.batched_nms(b, s, cls, self.nms_thresh, offset=1).sort().values
             b, s, cls = b[keep], s[keep], cls[keep]
             if len(s) > self.detections_per_img > 0:
-                # kth-smallest threshold, ties kept: may leave slightly more than the cap, as upstream
-                thresh = s.cpu().kthvalue(len(s) - self.detections_per_img + 1).values.item()
+                # the cap-th largest score as threshold (upstream's kthvalue), ties kept: may leave slightly more than
+                # the cap, as upstream. topk on the device: no copy to the host and back.
+                thresh = s.topk(self.detections_per_img, sorted=True).values[-1]
                 keep = torch.nonzero(s >= thresh).squeeze(1)
                 b, s, cls = b[keep], s[keep], cls[keep]
             results.append({"boxes": b, "scores": s, "labels": cls})
@@ -574,9 +629,10 @@ class FasterRCNN(nn.Module):
     `backbone` is Sequential(body, fpn) and the box head sits in RoIHeads only to give upstream's key prefixes
     (backbone.body.*, backbone.fpn.*, roi_heads.box.*), so its checkpoints load by name."""
 
-    def __init__(self, backbone, rpn, roi_heads):
+    def __init__(self, backbone, rpn, roi_heads, channels_last=True):
         super().__init__()
         self.backbone, self.rpn, self.roi_heads = backbone, rpn, roi_heads
+        self.channels_last = channels_last
 
     def forward(self, images, image_sizes, targets=None):
         image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
@@ -587,7 +643,7 @@ class FasterRCNN(nn.Module):
                 if len(t["boxes"]) == 0:  # upstream raises too (modeling/matcher.py): data.py drops such images
                     raise ValueError(f"image {i} of the batch has no ground-truth boxes")
         # channels_last: oneDNN/cuDNN convolutions run in NHWC without reordering in and out each layer
-        feats = self.backbone(images.contiguous(memory_format=torch.channels_last))
+        feats = self.backbone(images.contiguous(memory_format=torch.channels_last) if self.channels_last else images)
         proposals, rpn_losses = self.rpn(feats, image_sizes, targets)
         out = self.roi_heads(feats[:4], proposals, image_sizes, targets)
         if self.training:
@@ -614,4 +670,6 @@ def build_model(cfg):
                   batch_per_image=cfg.roi_batch_per_image, positive_fraction=cfg.roi_positive_fraction,
                   score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh,
                   detections_per_img=cfg.detections_per_img)
-    return FasterRCNN(backbone, rpn, RoIHeads(box))
+    if cfg.compile_backbone:  # in place: the state dict keeps its keys (no _orig_mod. prefix)
+        backbone.compile(mode=cfg.compile_backbone)
+    return FasterRCNN(backbone, rpn, RoIHeads(box), channels_last=cfg.channels_last)

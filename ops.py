@@ -348,12 +348,12 @@ def _roi_align(backend, input, rois, output_size, spatial_scale, sampling_ratio,
         import ops_mlu
         return ops_mlu.mlu_roi_align(input, rois, (ph, pw), spatial_scale, sampling_ratio, aligned,
                                      kernel=_mlu_kernel(backend, "roi_align"))
+    # half/bf16: accumulate in float32, as upstream's AMP float_function did (and rois never rounded to bf16)
+    x = input if input.dtype in (torch.float32, torch.float64) else input.float()
     if backend == "torchvision":
         import torchvision
-        return torchvision.ops.roi_align(input, rois.to(input.dtype), (ph, pw), spatial_scale, sampling_ratio,
-                                         aligned)
-    # half/bf16 on CPU: accumulate in float32, as upstream's AMP float_function did
-    x = input if input.dtype in (torch.float32, torch.float64) else input.float()
+        return torchvision.ops.roi_align(x, rois.to(x.dtype), (ph, pw), spatial_scale, sampling_ratio,
+                                         aligned).to(input.dtype)
     out = _RoIAlign.apply(x, rois.to(x.dtype), float(spatial_scale), int(ph), int(pw), int(sampling_ratio),
                           bool(aligned))
     return out.to(input.dtype)

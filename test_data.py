@@ -30,8 +30,9 @@ def demo_cfg(root, *overrides):
 def test_resize_rule_spec_examples():
     # upstream's get_size (data/transforms/transforms.py, Resize) on w x h -> new h x new w
     for (w, h), (nh, nw) in {(640, 480): (800, 1066), (480, 640): (1066, 800), (640, 427): (800, 1199),
-                             (333, 500): (1201, 800), (1000, 200): (267, 1335)}.items():
+                             (333, 500): (1201, 800), (1000, 200): (267, 1335), (2000, 2): (1, 1000)}.items():
         assert data.resize_size(w, h, 800, 1333) == (nw, nh)
+    assert data.resize_size(2000, 2, 288, 400) == (1000, 1)  # upstream's rule gives a 0 px side here; ours 1
     assert data.resize_size(800, 600, 600, 1333) == (800, 600)  # short side already S: unchanged
     assert data.resize_size(500, 500, 800, 1333) == (800, 800)
     # S = round(1333 * 400 / 1000 = 533.2) = 533, then truncation: int(533 * 1000 / 400 = 1332.5) = 1332

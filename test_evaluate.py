@@ -182,3 +182,77 @@ def test_evaluate_refuses_a_checkpoint_of_another_architecture(demo_root, tmp_pa
     proc = run(script("evaluate.py", "--ckpt", ckpt, "--config", "demo", "--data-root", demo_root, "--device", "cpu"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "shape mismatch" in proc.stderr and "cls_score" in proc.stderr
+
+
+# ---- the same weights on an accelerator
+
+
+def detection_agreement(a, b, iou=0.99, score_tol=1e-3):
+    """(matched, len(a), len(b)) for two lists of detection records ({"file_name" or "image_id", "bbox" [x, y, w, h],
+    "score", "category_id"}): a pair matches with the same image and label, IoU > iou (or the same four numbers to
+    0.01 px: a degenerate box, whose w or h the rescaling without +1 can make negative, has no IoU) and scores within
+    score_tol; greedily by a's score, the best IoU first, each detection used once."""
+    import torchvision
+
+    def group(records):
+        out = {}
+        for r in records:
+            out.setdefault((r.get("file_name", r.get("image_id")), r["category_id"]), []).append(r)
+        return out
+
+    def xyxy(records):
+        return torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in records)], dtype=torch.float64)
+
+    groups_b, matched = group(b), 0
+    for key, ra in group(a).items():
+        rb = groups_b.get(key, [])
+        if not rb:
+            continue
+        ious = torchvision.ops.box_iou(xyxy(ra), xyxy(rb))
+        same = (xyxy(ra)[:, None] - xyxy(rb)[None]).abs().amax(2) <= 0.01
+        sa, sb = (torch.tensor([r["score"] for r in rs], dtype=torch.float64) for rs in (ra, rb))
+        ok = ((ious > iou) | same) & ((sa[:, None] - sb[None]).abs() <= score_tol)
+        used = torch.zeros(len(rb), dtype=torch.bool)
+        for i in sa.argsort(descending=True).tolist():
+            cand = torch.nonzero(ok[i] & ~used).squeeze(1)
+            if len(cand):
+                used[cand[ious[i, cand].argmax()]] = True
+                matched += 1
+    return matched, len(a), len(b)
+
+
+def test_detection_agreement_counts_by_hand():
+    a = [{"file_name": "x.jpg", "category_id": 1, "bbox": [0, 0, 100, 100], "score": 0.9},
+         {"file_name": "x.jpg", "category_id": 2, "bbox": [0, 0, 100, 100], "score": 0.8},
+         {"file_name": "y.jpg", "category_id": 1, "bbox": [10, 10, 50, 50], "score": 0.7}]
+    b = [dict(a[0], bbox=[0.01, 0, 100, 100], score=0.9005),  # IoU 0.9999, score within 1e-3: matched
+         dict(a[1], score=0.802),  # score off by 2e-3
+         dict(a[2], bbox=[10, 10, 50, 49]),  # IoU 0.98
+         dict(a[0], file_name="y.jpg")]  # another image
+    assert detection_agreement(a, b) == (1, 3, 4)
+    assert detection_agreement(a, a) == (3, 3, 3)
+    flat = [dict(a[0], bbox=[5, 5, -2.5, 1]), dict(a[0], bbox=[5, 5, 0, 0])]  # degenerate: the same numbers match
+    assert detection_agreement(flat, flat) == (2, 2, 2)
+    assert detection_agreement(flat, [dict(r, bbox=[5.1, 5, *r["bbox"][2:]]) for r in flat]) == (0, 2, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_folder_inference_matches_cpu(demo_root, tmp_path):
+    """evaluate.py --images with the same weights on CUDA (FP32, TF32 off: the config's default numeric policy) and
+    on the CPU: at least 99% of the detections match (same label, IoU > 0.99, score within 1e-3). Random-init demo
+    weights give 100 detections per image."""
+    torch.manual_seed(0)
+    cfg = config.get("demo", ["device=cpu"], verbose=False)
+    ckpt = str(tmp_path / "demo_random.pth")
+    checkpoint.save(ckpt, model.build_model(cfg), cfg)
+    dets = {}
+    for device in ("cpu", "cuda"):
+        out = str(tmp_path / f"{device}.json")
+        res = run(script("evaluate.py", "--ckpt", ckpt, "--images", os.path.join(demo_root, "val2017"), "--output",
+                         out, f"device={device}"))
+        assert res.returncode == 0, res.stderr[-3000:]
+        dets[device] = json.load(open(out))
+    matched, n_cpu, n_cuda = detection_agreement(dets["cpu"], dets["cuda"])
+    assert n_cpu >= 8 * 50, n_cpu  # plentiful: the comparison means something
+    assert matched >= 0.99 * max(n_cpu, n_cuda), (matched, n_cpu, n_cuda)

@@ -114,9 +114,9 @@ class Preemption:
         return int(flag.item())
 
 
-def train_step(ddp, optimizer, scaler, autocast, images, image_sizes, targets, it, cfg):
+def train_step(ddp, optimizer, scaler, images, image_sizes, targets, it, cfg):
     """One SGD step; stops on a non-finite loss before it touches the weights."""
-    with torch.autocast(images.device.type, dtype=autocast, enabled=autocast is not None):
+    with launch.autocast(images.device, cfg.amp):
         losses = ddp(images, image_sizes, targets)
     loss = sum(losses.values())
     if not torch.isfinite(loss):  # stop before the bad step touches the weights or a checkpoint
@@ -163,12 +163,12 @@ def main(argv=None):
     cfg = proposal_cap(cfg, world_size, verbose=rank == 0)
     device = launch.device(cfg.device, local_rank)
     launch.init_process_group(device, rank, world_size)
+    launch.numeric_policy(cfg)  # FP32 as upstream ran it; TF32 only with tf32=true
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.output_dir, exist_ok=True)
     # ---- model, optimizer, resume or initial weights, data
     model = model_lib.build_model(cfg).to(device)
     optimizer = make_optimizer(model, cfg)
-    autocast = dict(fp16=torch.float16, bf16=torch.bfloat16).get(cfg.amp)
     scaler = None
     if cfg.amp == "fp16":  # torch.amp.GradScaler(device) is torch 2.3+; each device module's own before that
         scaler = (torch.amp.GradScaler(device.type) if hasattr(torch.amp, "GradScaler")
@@ -199,7 +199,7 @@ def main(argv=None):
             lr = get_lr(it, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_factor"]
-            log.add(train_step(ddp, optimizer, scaler, autocast, images, image_sizes, targets, it, cfg))
+            log.add(train_step(ddp, optimizer, scaler, images, image_sizes, targets, it, cfg))
             iter_time += time.time() - end
             done = it + 1
             if done % cfg.log_period == 0 or done == cfg.max_iter:
