@@ -613,10 +613,15 @@ def bench_trainloop(args):
     import subprocess
     import sys
     import tempfile
+    import checkpoint
+    import config
+    import model
     out_dir = tempfile.mkdtemp(prefix="trainloop_")
     here = os.path.dirname(os.path.abspath(__file__))
+    cfg = config.get(args.config, verbose=False)  # random initial weights, saved: train.py refuses none for a
+    checkpoint.save(os.path.join(out_dir, "init.pth"), model.build_model(cfg), cfg)  # frozen preset
     cmd = [sys.executable, os.path.join(here, "train.py"), "--config", args.config, f"data_root={args.data}",
-           f"output_dir={out_dir}",
+           f"output_dir={out_dir}", f"weights={os.path.join(out_dir, 'init.pth')}",
            f"device={args.device}", f"ims_per_batch={args.batch}", f"num_workers={args.workers}",
            f"max_iter={args.iters}", f"log_period={args.log_period}", "checkpoint_period=1000000000",
            f"amp={'' if args.amp == 'fp32' else args.amp}"] + (args.overrides.split(";") if args.overrides else [])

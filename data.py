@@ -26,7 +26,6 @@ import math
 import mmap
 import os
 import random
-import signal
 import socket
 import tempfile
 import time
@@ -726,16 +725,16 @@ def make_test_loader(cfg, split=None, rank=0, world_size=1, dataset=None):
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, **_loader_options(cfg))
 
 
-def _ignore_stop_signals(worker_id):
-    """Loader workers leave SIGTERM and SIGINT to the main process, which finishes the iteration and checkpoints
-    (train.py); a signal sent to the whole process group would otherwise kill them mid-batch."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _own_process_group(worker_id):
+    """Each loader worker leaves the training process's group: SIGTERM or SIGINT sent to that group (Ctrl-C, a
+    scheduler's preemption, torchrun's shutdown) reaches the main process only, which finishes the iteration and
+    checkpoints (train.py) instead of dying of a killed worker mid-batch. A worker still exits with its parent."""
+    os.setpgrp()
 
 
 def _loader_options(cfg):
     """Worker processes, the padding collate, and pinned host memory for cuda, or mlu through torch_mlu."""
-    options = dict(num_workers=cfg.num_workers, worker_init_fn=_ignore_stop_signals if cfg.num_workers else None,
+    options = dict(num_workers=cfg.num_workers, worker_init_fn=_own_process_group if cfg.num_workers else None,
                    collate_fn=functools.partial(collate, size_divisibility=cfg.size_divisibility))
     kind = cfg.device.split(":")[0]
     if kind == "cuda" and torch.cuda.is_available():
