@@ -570,8 +570,8 @@ def bench_fidelity(args):
         records = {}
         runs = [("cpu", "fp32")] + [(args.device, p) for p in args.precisions.split(",")]
         for k, (dev, precision) in enumerate(runs):
-            net, cfg_d, d = evaluate.load(ckpt, None, [f"device={dev}", "test_ims_per_batch=1", "num_workers=2"],
-                                          verbose=False)
+            net, cfg_d, d, _ = evaluate.load(ckpt, None, [f"device={dev}", "test_ims_per_batch=1", "num_workers=2"],
+                                             verbose=False)
             state = {}
             set_precision(precision, state)
             loader = data.make_test_loader(cfg_d, dataset=data.ImageFiles(paths[:count], cfg_d))
