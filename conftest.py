@@ -1,12 +1,16 @@
 """Shared test fixtures: a small generated data set, coco_tiny's location (../shared, absent in a user's clone),
 tiny training settings, and helpers to run the scripts as a user would."""
+import json
 import os
 import socket
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
+import config
+import data
 import demo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,3 +58,50 @@ def train_cmd(root, out, *extra, torchrun=None):
 def run(cmd, timeout=600):
     """Run a command from the repository root; returns the CompletedProcess with text output."""
     return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout)
+
+
+# ---- a small split written per test (data faults, the COCO index)
+
+W, H = 40, 30
+
+
+def solid(colour, size=(W, H)):
+    return Image.new("RGB", size, colour)
+
+
+def write_split(root, images, annotations, categories=None, split="s", drop=()):
+    """root/annotations/instances_{split}.json and root/{split}/ files. images: [(id, file_name, content)] with
+    content a PIL image (saved as PNG or JPEG by the name), raw bytes, or None (no file written)."""
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    infos = []
+    for img_id, name, content in images:
+        path = os.path.join(root, split, name)
+        if isinstance(content, Image.Image):
+            content.save(path)
+        elif content is not None:
+            with open(path, "wb") as f:
+                f.write(content)
+        infos.append({"id": img_id, "file_name": name, "width": W, "height": H})
+    out = {"images": infos, "annotations": annotations,
+           "categories": categories or [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    for key in drop:
+        out.pop(key)
+    with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
+        json.dump(out, f)  # NaN / Infinity written as JSON's common extension, which json and pycocotools read
+    return str(root)
+
+
+def ann(ann_id, img_id, bbox, cat=1, **extra):
+    return {"id": ann_id, "image_id": img_id, "category_id": cat, "bbox": bbox, "iscrowd": 0,
+            "area": 100.0, **extra}
+
+
+def cfg_for(root, *overrides):
+    return config.get("demo", [f"data_root={root}", "train_split=s", "val_split=s", "num_workers=0",
+                               "min_size_train=(30,)", "max_size_train=64", "min_size_test=30", "max_size_test=64",
+                               "flip_prob=0", "ims_per_batch=2", "test_ims_per_batch=2", *overrides], verbose=False)
+
+
+def dataset(root, train, *overrides):
+    return data.CocoDetection(root, "s", cfg_for(root, *overrides), train)

@@ -10,6 +10,7 @@ import torchvision
 from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
 from torchvision.ops.misc import FrozenBatchNorm2d as TVFrozenBN
 
+import coco_index
 import config
 import model
 import ops
@@ -282,7 +283,7 @@ def test_training_refuses_an_image_without_boxes():
 
 def legal_image(rng, cfg, size):
     """One training input as data.py makes it: an original (w, h), boxes of every kind (normal, thin lines, the
-    whole image, sub-pixel) kept by data.legacy_boxes' rule, then data.transform's resize (the preset's sizes) and
+    whole image, sub-pixel) kept by coco_index.legacy_boxes' rule, then data.transform's resize (the preset's sizes) and
     flip. Returns (h, w) and the target, or None where no box survives (data.py drops such images)."""
     import data
     from PIL import Image
@@ -298,7 +299,7 @@ def legal_image(rng, cfg, size):
             xywh.append([0, 0, w, h])
         else:  # +1 widths just above 1: x2 - x1 a few thousandths of a pixel
             xywh.append([x, y, 1 + rng.uniform(1e-3, 1e-2), 1 + rng.uniform(1e-3, 1e-2)])
-    boxes, keep = data.legacy_boxes(xywh, w, h)
+    boxes, keep = coco_index.legacy_boxes(xywh, w, h)
     if not keep.any():
         return None
     labels = torch.tensor([rng.randint(1, cfg.num_classes - 1) for _ in range(int(keep.sum()))])
