@@ -5,6 +5,7 @@ paragraph and exit code 2.
     rank, world_size, local_rank = launch.env()          # 0, 1, 0 without torchrun
     device = launch.device(cfg.device, local_rank)       # or a ConfigError saying what to use instead
     launch.init_process_group(device, rank, world_size)  # gloo, nccl or cncl; nothing for one process
+    launch.all_reduce(t); parts = launch.gather_objects(obj)  # the collectives the scripts use
     launch.numeric_policy(cfg)                           # FP32 as upstream, or TF32 when cfg.tf32
     ...
     launch.finish(world_size)
@@ -12,8 +13,11 @@ paragraph and exit code 2.
     if __name__ == "__main__":
         launch.run_cli(main)
 """
+import collections
 import datetime
+import itertools
 import os
+import pickle
 import sys
 
 import torch
@@ -64,6 +68,40 @@ def init_process_group(device, rank, world_size):
     store = dist.PrefixStore(f"frcnn_restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     backend = {"cpu": "gloo", "cuda": "nccl", "mlu": "cncl"}[device.type]
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    global _store
+    _store = store
+
+
+# Before torch 2.2, a finished gloo collective whose tensors only its worker thread still holds frees them there,
+# which takes the GIL, while the process group's destructor keeps the GIL and joins that thread: a process that
+# ends right after a collective could hang for ever (pytorch/pytorch#56297, fixed by #154976). So the tensors of
+# the last few all-reduces stay referenced from Python, and objects travel through the store, not through gloo.
+_store = None
+_held = collections.deque(maxlen=8)
+_exchange = itertools.count()
+
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM):
+    """dist.all_reduce in place; returns the tensor."""
+    dist.all_reduce(tensor, op=op)
+    _held.append(tensor)
+    return tensor
+
+
+def gather_objects(obj, dst=0):
+    """[obj of rank 0, obj of rank 1, ...] on rank dst (None on the others), pickled through torchrun's store:
+    rank dst waits for each rank's object; any picklable object, tensors included (they arrive on the CPU where
+    they were sent from it)."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    key = f"gather{next(_exchange)}/"
+    if rank != dst:
+        _store.set(key + str(rank), pickle.dumps(obj))
+        return None
+    parts = [obj if r == dst else pickle.loads(_store.get(key + str(r))) for r in range(world_size)]
+    for r in range(world_size):
+        if r != dst:
+            _store.delete_key(key + str(r))
+    return parts
 
 
 def finish(world_size):

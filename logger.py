@@ -19,7 +19,8 @@ import platform
 import sys
 
 import torch
-import torch.distributed as dist
+
+import launch
 
 WINDOW = 20  # iterations in the median, as upstream's MetricLogger (maskrcnn_benchmark/utils/metric_logger.py)
 
@@ -88,8 +89,7 @@ class TrainLog:
         stats = torch.cat([torch.stack(list(self.window)), self.total[None] / self.count])  # (w + 1, terms)
         extra = torch.tensor([float(skipped)], device=stats.device)
         if self.world_size > 1:
-            flat = torch.cat([stats.flatten() / self.world_size, extra])
-            dist.all_reduce(flat)
+            flat = launch.all_reduce(torch.cat([stats.flatten() / self.world_size, extra]))
             stats, extra = flat[:-1].view_as(stats), flat[-1:]
         stats = stats.cpu()
         medians, averages = stats[:-1].median(0).values, stats[-1]

@@ -22,6 +22,9 @@ from torch import nn
 
 import ops
 
+# torch.compiler.is_compiling arrived in torch 2.3; Cambricon's torch_mlu 1.22 images run torch 2.1
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)  # upper clamp of decoded dw, dh (modeling/box_coder.py)
 
 
@@ -152,7 +155,7 @@ class FrozenBatchNorm2d(nn.Module):
         the same arithmetic, four small kernels fewer per conv per forward. Tensors made under inference_mode keep
         no version counter: those are folded anew each time."""
         tensors = (conv_weight, self.weight, self.bias, self.running_mean, self.running_var)
-        if (torch.is_grad_enabled() and conv_weight.requires_grad) or torch.compiler.is_compiling() or \
+        if (torch.is_grad_enabled() and conv_weight.requires_grad) or _is_compiling() or \
                 any(t.is_inference() for t in tensors):
             return self._fold(conv_weight)
         key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -256,3 +257,34 @@ def test_cuda_folder_inference_matches_cpu(demo_root, tmp_path):
     matched, n_cpu, n_cuda = detection_agreement(dets["cpu"], dets["cuda"])
     assert n_cpu >= 8 * 50, n_cpu  # plentiful: the comparison means something
     assert matched >= 0.99 * max(n_cpu, n_cuda), (matched, n_cpu, n_cuda)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1])
+def test_truncated_image_in_the_split_stops_evaluation_naming_it(demo_root, tmp_path, workers):
+    root = str(tmp_path / "data")
+    shutil.copytree(demo_root, root)
+    victim = os.path.join(root, "val2017", sorted(os.listdir(os.path.join(root, "val2017")))[3])
+    raw = open(victim, "rb").read()
+    open(victim, "wb").write(raw[: len(raw) * 55 // 100])  # a JPEG cut at 55%
+    cfg = config.get("demo", verbose=False)
+    ckpt = str(tmp_path / "demo.pth")
+    checkpoint.save(ckpt, model.build_model(cfg), cfg)
+    out = tmp_path / "out"
+    proc = run(script("evaluate.py", "--ckpt", ckpt, f"data_root={root}", f"num_workers={workers}",
+                      f"output_dir={out}", "min_size_test=96", "max_size_test=128"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"cannot read image {victim}" in proc.stderr and proc.stderr.count("error:") == 1
+    assert not os.path.exists(out / "metrics_val2017.json")  # nothing reported as if it were the whole split
+
+
+@pytest.mark.slow
+def test_truncated_checkpoint_is_one_paragraph_naming_it(tmp_path):
+    cfg = config.get("demo", verbose=False)
+    ckpt = str(tmp_path / "cut.pth")
+    checkpoint.save(ckpt, model.build_model(cfg), cfg)
+    with open(ckpt, "r+b") as f:
+        f.truncate(os.path.getsize(ckpt) // 2)
+    proc = run(script("evaluate.py", "--ckpt", ckpt, "--images", tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"cannot read checkpoint {ckpt!r}" in proc.stderr

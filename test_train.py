@@ -6,6 +6,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import torch
 
 import checkpoint
 import config
+import data
 import train
 from conftest import COCO_TINY, TINY, free_port, needs_shared, run, train_cmd
 
@@ -411,3 +413,71 @@ def test_sigterm_under_torchrun_every_rank_stops_at_one_iteration(demo_root, tmp
                             torchrun=["--nproc_per_node", "2", "--master_port", free_port()]))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert same_weights(os.path.join(ref, "model_0000008.pth"), os.path.join(out, "model_0000008.pth"))
+
+
+# ---- every user-facing failure is one paragraph, exit 2 (the fault-injection table of the reliability review)
+
+def broken_copy(demo_root, dst, edit=None, images=True):
+    """The demo data with its training json edited by edit(json), the image folders linked (or left out)."""
+    for split in ("train2017", "val2017"):
+        os.makedirs(os.path.join(dst, "annotations"), exist_ok=True)
+        if images:
+            os.symlink(os.path.join(demo_root, split), os.path.join(dst, split))
+        js = json.load(open(os.path.join(demo_root, "annotations", f"instances_{split}.json")))
+        if edit and split == "train2017":
+            edit(js)
+        json.dump(js, open(os.path.join(dst, "annotations", f"instances_{split}.json"), "w"))
+    return dst
+
+
+def first_annotation(**change):
+    return lambda js: js["annotations"][0].update(change)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, edit, extra, expect", [
+    ("bbox a string", first_annotation(bbox="10,10,20,20"), [], r"annotation \d+ of image \d+: 'bbox' must be 4 numbers"),
+    ("bbox of 3 numbers", first_annotation(bbox=[1, 2, 3]), [], r"'bbox' must be 4 numbers \[x, y, w, h\], got \[1, 2, 3\]"),
+    ("unknown category", first_annotation(category_id=77), [], r"has category_id 77, which is not in 'categories'"),
+    ("image without height", lambda js: js["images"][0].pop("height"), [], r"image \d+ has height None"),
+    ("no image folder", None, [], r"no image folder .*train2017 for .*instances_train2017.json"),
+    ("negative lr", None, ["base_lr=-0.02"], r"'base_lr' is -0.02; it must be positive"),
+    ("no images per batch", None, ["ims_per_batch=0"], r"'ims_per_batch' is 0; it must be a positive integer"),
+    ("too few classes", None, ["num_classes=2"], r"has 3 categories .*so set num_classes=4"),
+])
+def test_each_reviewed_fault_is_one_paragraph_exit_2(demo_root, tmp_path, case, edit, extra, expect):
+    root = broken_copy(demo_root, str(tmp_path / "data"), edit, images=case != "no image folder")
+    proc = run(train_cmd(root, tmp_path / "out", "max_iter=1", *extra), timeout=300)  # a hang fails here
+    assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and re.search(expect, proc.stderr), proc.stderr[-2000:]
+    assert proc.stderr.count("error:") == 1
+
+
+@pytest.mark.slow
+def test_skipped_images_are_counted_in_the_log_summed_over_ranks(demo_root, tmp_path):
+    root = str(tmp_path / "data")
+    shutil.copytree(demo_root, root)
+    names = sorted(os.listdir(os.path.join(root, "train2017")))
+    bad = names[::6]  # 4 of the 24 training images, unreadable
+    for name in bad:
+        open(os.path.join(root, "train2017", name), "wb").close()
+    common = ["max_iter=8", "log_period=8", "checkpoint_period=100"]
+    one = train_in_process(root, tmp_path / "one", *common)
+    two = run(train_cmd(root, tmp_path / "two", *common, torchrun=["--nproc_per_node", 2, "--master_port", free_port()]))
+    assert one and two.returncode == 0, two.stderr[-3000:]
+    # the expected count from the sampler itself: each drawn bad image, plus the bad ones right after it that the
+    # replacement passes over (data.CocoDetection takes the next image that loads)
+    cfg = config.get("demo", [f"data_root={root}", *TINY, *common], verbose=False)
+    ds = data.CocoDetection(root, "train2017", cfg, True)
+    broken = {i for i in range(len(ds)) if os.path.basename(ds.path(i)) in bad}
+    sampler = data.TrainBatchSampler(ds.aspect_group, cfg.ims_per_batch, seed=cfg.seed)
+    expected = 0
+    for _, batch in zip(range(8), sampler):
+        for i, _ in batch:
+            while i in broken:
+                expected, i = expected + 1, (i + 1) % len(ds)
+    assert expected > 0
+    for out in ("one", "two"):
+        last = [json.loads(line) for line in open(tmp_path / out / "log.jsonl") if '"loss"' in line][-1]
+        assert last["skipped_images"] == expected, out
+    assert f"skipped {expected}" in open(tmp_path / "two" / "log.txt").read()

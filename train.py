@@ -20,7 +20,12 @@ import os
 import signal
 import time
 
-import torch
+# torch's OpenMP threads wait for each other at every op; libgomp's default spins first, and when another process
+# holds a core the spinning collapses a CPU run 4-10x. Sleeping waits keep it near its share. Read once, when torch
+# loads OpenMP, so it is set before `import torch`; a value in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402 (after OMP_WAIT_POLICY)
 import torch.distributed as dist
 
 import checkpoint
@@ -109,9 +114,7 @@ class Preemption:
     def requested(self, device, world_size):
         if world_size == 1:
             return self.signum
-        flag = torch.tensor([self.signum], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        return int(launch.all_reduce(torch.tensor([self.signum], device=device), op=dist.ReduceOp.MAX).item())
 
 
 def train_step(ddp, optimizer, scaler, images, image_sizes, targets, it, cfg):
@@ -141,11 +144,8 @@ def save_checkpoint(it, model, optimizer, scaler, loader, cfg, rank, world_size)
         raise FloatingPointError(f"non-finite weights after iteration {it} ({', '.join(bad[:4])}"
                                  f"{' ...' if len(bad) > 4 else ''}); nothing saved: the newest checkpoint in "
                                  f"{cfg.output_dir} is the last good state; lower base_lr or check the data")
-    rng = [torch.get_rng_state()]  # every rank's, so each resumes its own random stream
-    if world_size > 1:
-        rng = [None] * world_size
-        dist.all_gather_object(rng, torch.get_rng_state())
-    if rank == 0:
+    rng = launch.gather_objects(torch.get_rng_state()) if world_size > 1 else [torch.get_rng_state()]
+    if rank == 0:  # every rank's RNG state, so each resumes its own random stream
         extra = {"scaler": scaler.state_dict()} if scaler else {}
         checkpoint.save_training(cfg.output_dir, it, model, optimizer, cfg, keep=cfg.keep_checkpoints,
                                  sampler=loader.state(it), rng=rng, categories=data.categories(loader.dataset), **extra)
