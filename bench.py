@@ -15,10 +15,12 @@ own options to its subparser; --device and --repeats are shared. The accelerator
 """
 import argparse
 import math
+import os
 import statistics
 import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py and evaluate.py run (see train.py)
+import torch  # noqa: E402
 
 
 def sync(device):

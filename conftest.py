@@ -9,9 +9,10 @@ import sys
 import pytest
 from PIL import Image
 
-import config
-import data
-import demo
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the scripts run (train.py): before torch loads
+import config  # noqa: E402
+import data  # noqa: E402
+import demo  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "shared")
