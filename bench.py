@@ -364,13 +364,15 @@ def bench_eval(args):
         for _ in range(3):
             x, y, w, h = a["bbox"]
             dets.append({"image_id": a["image_id"], "category_id": a["category_id"], "score": rng.random(),
-                         "bbox": [x + rng.gauss(0, w / 8), y + rng.gauss(0, h / 8), w * rng.uniform(.8, 1.2), h * rng.uniform(.8, 1.2)]})
+                         "bbox": [x + rng.gauss(0, w / 8), y + rng.gauss(0, h / 8),
+                                   w * rng.uniform(.8, 1.2), h * rng.uniform(.8, 1.2)]})
     while len(dets) < 100 * args.images:
         dets.append({"image_id": rng.randint(1, args.images), "category_id": rng.randint(1, 80), "score": rng.random(),
                      "bbox": [rng.uniform(0, 600), rng.uniform(0, 440), rng.uniform(4, 200), rng.uniform(4, 200)]})
     ann_file = os.path.join(tempfile.mkdtemp(), "instances.json")
     with open(ann_file, "w") as f:
-        json.dump({"images": images, "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in range(1, 81)]}, f)
+        categories = [{"id": c, "name": str(c)} for c in range(1, 81)]
+        json.dump({"images": images, "annotations": anns, "categories": categories}, f)
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     chosen = evaluate.coco_evaluator()
@@ -399,13 +401,17 @@ def subcommands():
         "data": (bench_data, "training data pipeline: images per second per worker on coco_tiny", _data_options),
         "eval": (bench_eval, "COCO evaluation: pycocotools against the evaluator in use, same numbers",
                  lambda p: p.add_argument("--images", type=int, default=5000, help="synthetic images (default 5000)")),
-        "model": (bench_model, "Faster R-CNN R-50-FPN inference and training: ours against torchvision's", _model_options),
+        "model": (bench_model, "Faster R-CNN R-50-FPN inference and training: ours against torchvision's",
+                  _model_options),
         "startup": (m.bench_startup, "host memory and time of building the training data, COCO-2017-sized json against "
                                    "a 2,000-image one", m._startup_options),
-        "grid": (a.bench_grid, "accelerators: models x batches x precisions against torchvision, TFLOP/s", a._grid_options),
+        "grid": (a.bench_grid, "accelerators: models x batches x precisions against torchvision, TFLOP/s",
+                 a._grid_options),
         "syncs": (a.bench_syncs, "host synchronisations per forward, before and after", a._syncs_options),
-        "fidelity": (a.bench_fidelity, "the same weights on the CPU and the device: detections matched", a._fidelity_options),
-        "trainloop": (a.bench_trainloop, "train.py on real images, the real loader: img/s, data wait", a._trainloop_options),
+        "fidelity": (a.bench_fidelity, "the same weights on the CPU and the device: detections matched",
+                     a._fidelity_options),
+        "trainloop": (a.bench_trainloop, "train.py on real images, the real loader: img/s, data wait",
+                      a._trainloop_options),
         "profile": (a.bench_profile, "torch.profiler: top ops and device busy share", a._profile_options),
         "extras": (a.bench_extras, "fused SGD, channels_last, torch.compile of the backbone", a._extras_options),
         "gpu": (a.bench_gpu, "every accelerator figure in one call, summary last (the device check)", a._gpu_options),

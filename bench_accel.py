@@ -123,7 +123,8 @@ def bench_grid(args):
                 records.append(rec)
                 fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
                 rows.append([f"{preset} {what[:5]} b{n} {precision}", f"{rec['ours_img_s']:.1f}",
-                             f"{rec['tv_img_s']:.1f}", f"{rec['time_ratio']:.2f}", fmt(mem["ours"], ".1f"), fmt(mem["tv-frozen"], ".1f"),
+                             f"{rec['tv_img_s']:.1f}", f"{rec['time_ratio']:.2f}",
+                             fmt(mem["ours"], ".1f"), fmt(mem["tv-frozen"], ".1f"),
                              f"{tflops:.1f}", f"{rec['pct_of_matmul_peak']:.0f}%", fmt(rec["pct_of_spec_peak"], ".0f")])
                 print("  ".join(map(str, rows[-1])), flush=True)
             del steps
@@ -289,7 +290,6 @@ def bench_fidelity(args):
     import evaluate
     import model
     from test_evaluate import detection_agreement
-    device = torch.device(args.device)
     paths = evaluate.image_paths(args.images)[0]
     out, rows = {}, []
     for preset, overrides, count in (("demo", [], args.demo_images),
@@ -520,7 +520,6 @@ def bench_gpu(args):
         python3 bench.py gpu --device cuda --data datasets/coco_tiny --out $OUT          # ~8 minutes on an H200
         python bench.py gpu --device cpu --dry-run --out /tmp/gpu_dry                    # the same code, tiny sizes
     """
-    import json
     import signal
     import subprocess
     import sys

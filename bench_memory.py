@@ -148,7 +148,8 @@ def _startup_peak(args, split):
 
     marks = tempfile.mkdtemp(prefix="marks", dir=args.root)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
-           os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py"), "startup", "--root", args.root, "--as-rank", split, "--marks", marks]
+           os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py"), "startup", "--root", args.root,
+           "--as-rank", split, "--marks", marks]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0
     while proc.poll() is None:

@@ -221,7 +221,7 @@ def get(preset="R-101-FPN", overrides=(), verbose=True):
         if key not in names:
             close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint} (all keys: python -c 'import config; print(config.Config())')")
+            raise ConfigError(f"unknown config key {key!r}{hint} (all keys: python train.py --help)")
         changes[key] = _parse_value(key, text, getattr(cfg, key))
     if verbose:
         for key, value in changes.items():
@@ -313,4 +313,5 @@ def from_dict(d):
     if unknown:
         raise ConfigError(f"saved config has keys this version does not know: {unknown}")
     base = Config()
-    return dataclasses.replace(base, **{k: tuple(v) if isinstance(getattr(base, k), tuple) else v for k, v in d.items()})
+    return dataclasses.replace(base, **{k: tuple(v) if isinstance(getattr(base, k), tuple) else v
+                                        for k, v in d.items()})

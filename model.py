@@ -259,8 +259,8 @@ class ResNet(nn.Module):
 
 
 class FPN(nn.Module):
-    """[C2..C5] -> [P2, P3, P4, P5, P6], all with `channels` channels (modeling/backbone/fpn.py). fpn_inner_k / fpn_layer_k act
-    on C_{k+1} / P_{k+1}; P6 is P5 subsampled by 2 (upstream's max-pool with kernel 1)."""
+    """[C2..C5] -> [P2, P3, P4, P5, P6], all with `channels` channels (modeling/backbone/fpn.py). fpn_inner_k /
+    fpn_layer_k act on C_{k+1} / P_{k+1}; P6 is P5 subsampled by 2 (upstream's max-pool with kernel 1)."""
 
     def __init__(self, in_channels, channels):
         super().__init__()
@@ -268,7 +268,8 @@ class FPN(nn.Module):
             self.add_module(f"fpn_inner{k}", nn.Conv2d(cin, channels, 1))
             self.add_module(f"fpn_layer{k}", nn.Conv2d(channels, channels, 3, 1, 1))
         for m in self.children():
-            nn.init.kaiming_uniform_(m.weight, a=1)  # Caffe2 XavierFill (modeling/make_layers.py, conv_with_kaiming_uniform)
+            # Caffe2 XavierFill (modeling/make_layers.py, conv_with_kaiming_uniform)
+            nn.init.kaiming_uniform_(m.weight, a=1)
             nn.init.zeros_(m.bias)
         self.n = len(in_channels)
 

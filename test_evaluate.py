@@ -53,7 +53,8 @@ def perfect_records(ds, cfg):
         boxes = torch.from_numpy(ds.boxes[i]) * torch.tensor([nw / w, nh / h, nw / w, nh / h])
         dets.append({"boxes": boxes, "scores": torch.ones(len(boxes)), "labels": torch.from_numpy(ds.labels[i])})
     out = evaluate.predict(ReplayNet(dets), loader, torch.device("cpu"))
-    return [{"image_id": ds.ids[i], **r} for i in sorted(out) for r in evaluate.coco_records(out[i], ds.label_to_cat_id)]
+    return [{"image_id": ds.ids[i], **r} for i in sorted(out)
+            for r in evaluate.coco_records(out[i], ds.label_to_cat_id)]
 
 
 def test_perfect_detections_score_ap_one(demo_root):
@@ -122,7 +123,8 @@ def test_fast_evaluators_match_pycocotools(which, source, demo_root):
 
 def test_evaluator_choice_prefers_exact_fast_ones():
     name = evaluate.coco_evaluator()[0]
-    expected = "hotcoco" if installed("hotcoco") else "faster-coco-eval" if installed("faster_coco_eval") else "pycocotools"
+    expected = ("hotcoco" if installed("hotcoco") else
+                "faster-coco-eval" if installed("faster_coco_eval") else "pycocotools")
     assert name == expected
 
 

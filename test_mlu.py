@@ -169,8 +169,9 @@ def test_mlu_with_mlu_section_compiles_against_cnnl_1_and_2(tmp_path):
     fake_torch_mlu.write_sdk_headers(str(tmp_path))
     # the C++ standard torch.utils.cpp_extension builds this torch's extensions with
     std = "c++20" if "-std=c++20" in open(cpp_extension.__file__).read() else "c++17"
-    flags = [f"-std={std}", "-fsyntax-only", "-DWITH_MLU", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-             f"-I{tmp_path}"] + [f"-I{p}" for p in cpp_extension.include_paths()]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    flags = [f"-std={std}", "-fsyntax-only", "-DWITH_MLU", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{tmp_path}"]
+    flags += [f"-I{p}" for p in cpp_extension.include_paths()]
     procs = {major: subprocess.Popen([os.environ.get("CXX", "c++"), *flags, f"-DFAKE_CNNL_MAJOR={major}",
                                       os.path.join(HERE, "ops_mlu.cpp")], stderr=subprocess.PIPE, text=True)
              for major in (1, 2)}

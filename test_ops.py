@@ -459,7 +459,8 @@ def test_self_test_passes_right_kernels_and_rejects_wrong_ones():
     assert ops_mlu.self_test_nms(cnnl_route, "cpu") == ""
     f32 = lambda t: torch.tensor(t, dtype=torch.float32)  # noqa: E731
     wrong_nms = {
-        "no nudge (CNNL's >= at t)": lambda b, s, t, o: ops_mlu.mlu_nms(b, s, t, o, lambda bb, ss, _: cnnl_nms(bb, ss, t)),
+        "no nudge (CNNL's >= at t)": lambda b, s, t, o: ops_mlu.mlu_nms(
+            b, s, t, o, lambda bb, ss, _: cnnl_nms(bb, ss, t)),
         "old nudge (next float above float32(t))": lambda b, s, t, o: ops_mlu.mlu_nms(
             b, s, t, o, lambda bb, ss, _: cnnl_nms(bb, ss, torch.nextafter(f32(t), f32(1)).item())),
         "offset ignored": lambda b, s, t, o: cnnl_route(b, s, t, 0),

@@ -436,8 +436,10 @@ def first_annotation(**change):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case, edit, extra, expect", [
-    ("bbox a string", first_annotation(bbox="10,10,20,20"), [], r"annotation \d+ of image \d+: 'bbox' must be 4 numbers"),
-    ("bbox of 3 numbers", first_annotation(bbox=[1, 2, 3]), [], r"'bbox' must be 4 numbers \[x, y, w, h\], got \[1, 2, 3\]"),
+    ("bbox a string", first_annotation(bbox="10,10,20,20"), [],
+     r"annotation \d+ of image \d+: 'bbox' must be 4 numbers"),
+    ("bbox of 3 numbers", first_annotation(bbox=[1, 2, 3]), [],
+     r"'bbox' must be 4 numbers \[x, y, w, h\], got \[1, 2, 3\]"),
     ("unknown category", first_annotation(category_id=77), [], r"has category_id 77, which is not in 'categories'"),
     ("image without height", lambda js: js["images"][0].pop("height"), [], r"image \d+ has height None"),
     ("no image folder", None, [], r"no image folder .*train2017 for .*instances_train2017.json"),
@@ -463,7 +465,8 @@ def test_skipped_images_are_counted_in_the_log_summed_over_ranks(demo_root, tmp_
         open(os.path.join(root, "train2017", name), "wb").close()
     common = ["max_iter=8", "log_period=8", "checkpoint_period=100"]
     one = train_in_process(root, tmp_path / "one", *common)
-    two = run(train_cmd(root, tmp_path / "two", *common, torchrun=["--nproc_per_node", 2, "--master_port", free_port()]))
+    two = run(train_cmd(root, tmp_path / "two", *common,
+                        torchrun=["--nproc_per_node", 2, "--master_port", free_port()]))
     assert one and two.returncode == 0, two.stderr[-3000:]
     # the expected count from the sampler itself: each drawn bad image, plus the bad ones right after it that the
     # replacement passes over (data.CocoDetection takes the next image that loads)

@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 8 train.py --config R-101-FPN weights=R-101.pkl device=cuda
     torchrun --nnodes 2 --node_rank R --master_addr HOST --master_port 29500 --nproc_per_node 8 train.py ...
     # a rank that dies restarts the job from the last checkpoint (restarts need the c10d rendezvous):
-    torchrun --max-restarts 3 --rdzv-backend c10d --rdzv-endpoint localhost:29500 --nproc_per_node 8 train.py ... --resume
+    torchrun --max-restarts 3 --rdzv-backend c10d --rdzv-endpoint localhost:29500 --nproc_per_node 8 \
+        train.py ... --resume
 
 Any config field can be overridden as key=value or --key value (`--help` lists them). --resume continues from the
 newest loadable checkpoint in output_dir: model, optimizer, iteration, sampler position and RNG. SIGTERM or

@@ -65,7 +65,8 @@ def convert(voc, out, split, classes):
     if not os.path.lexists(link):
         os.symlink(os.path.relpath(os.path.join(voc, "JPEGImages"), out), link)
     print(f"voc2coco: {split}: {len(images)} images, {len(annotations)} objects, {len(classes)} classes "
-          f"({', '.join(classes[:6])}{' ...' if len(classes) > 6 else ''}) -> {out}; set num_classes={len(classes) + 1}")
+          f"({', '.join(classes[:6])}{' ...' if len(classes) > 6 else ''}) -> {out}; "
+          f"set num_classes={len(classes) + 1}")
     return coco
 
 
