@@ -212,6 +212,39 @@ def _is_bbox(b):
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b))
 
 
+def _categories(ann, d):
+    """(category ids, names with "__background__" first): pycocotools' getCatIds, the file's order, so label =
+    1 + position."""
+    if not isinstance(d.get("categories"), list) or not all(isinstance(c, dict) and "name" in c
+                                                            for c in d["categories"]):
+        raise DataError(f"{ann}: 'categories' must list every class as {{'id': ..., 'name': ...}}")
+    cat_ids = [c["id"] for c in d["categories"]]
+    cat_by_id = {c["id"]: c for c in d["categories"]}
+    return cat_ids, ["__background__"] + [cat_by_id[c]["name"] for c in cat_ids]
+
+
+def _annotation_fields(anns, ann_cat, cat_id_to_label):
+    """Every annotation's fields in the file's order: (bbox as written, xywh (A, 4) float32 with zeros where bbox is
+    not 4 numbers, bad_bbox, bad_cat (a category_id not in 'categories'), labels (0 for those), has_area, has_crowd,
+    crowd), all but bbox arrays of length A."""
+    bbox = [a.get("bbox") for a in anns]
+    if set(map(type, bbox)) <= {list} and set(map(len, bbox)) <= {4} and \
+            set(map(type, itertools.chain.from_iterable(bbox))) <= {int, float}:  # the common case, in C loops
+        xywh = np.fromiter(itertools.chain.from_iterable(bbox), np.float32, 4 * len(bbox)).reshape(-1, 4)
+        bad_bbox = np.zeros(len(anns), bool)
+    else:
+        good = [_is_bbox(b) for b in bbox]
+        xywh = np.array([b if ok else (0, 0, 0, 0) for b, ok in zip(bbox, good)], np.float32).reshape(-1, 4)
+        bad_bbox = ~np.array(good, bool).reshape(-1)
+    unknown = {c for c in set(ann_cat) if c not in cat_id_to_label}
+    bad_cat = np.fromiter((c in unknown for c in ann_cat), bool, len(anns)) if unknown else np.zeros(len(anns), bool)
+    labels = np.fromiter(map(cat_id_to_label.get, ann_cat, itertools.repeat(0)), np.int64, len(anns))
+    has_area = np.fromiter(("area" in a for a in anns), bool, len(anns))
+    has_crowd = np.fromiter(("iscrowd" in a for a in anns), bool, len(anns))
+    crowd = np.fromiter((bool(a.get("iscrowd", 0)) for a in anns), bool, len(anns))
+    return bbox, xywh, bad_bbox, bad_cat, labels, has_area, has_crowd, crowd
+
+
 def _build_index(ann, train):
     """The json checked and flattened, as (meta, arrays). Images sorted by id (upstream), the last entry of a
     repeated id (pycocotools' imgs dict): "ids" (N,), "sizes" (N, 2) (w, h), file names as utf-8 in "name_buf" cut
@@ -233,12 +266,7 @@ def _build_index(ann, train):
         set(ann_img), set(img_ids), set(ann_cat), {c["id"] for c in d.get("categories") or []}
     except (KeyError, TypeError, AttributeError) as e:
         raise _index_error(ann, _pycocotools_error(d) or e) from None
-    if not isinstance(d.get("categories"), list) or not all(isinstance(c, dict) and "name" in c
-                                                            for c in d["categories"]):
-        raise DataError(f"{ann}: 'categories' must list every class as {{'id': ..., 'name': ...}}")
-    cat_ids = [c["id"] for c in d["categories"]]  # pycocotools' getCatIds: the file's order; label = 1 + position
-    cat_by_id = {c["id"]: c for c in d["categories"]}
-    names = ["__background__"] + [cat_by_id[c]["name"] for c in cat_ids]
+    cat_ids, names = _categories(ann, d)
     cat_id_to_label = {c: i + 1 for i, c in enumerate(cat_ids)}
     odd = next((i for i in img_ids if type(i) is not int), None) if set(map(type, img_ids)) - {int} else None
     if odd is not None or (img_ids and not -2 ** 63 <= min(img_ids) <= max(img_ids) < 2 ** 63):
@@ -259,23 +287,8 @@ def _build_index(ann, train):
     rank = np.fromiter(map(rank_of.get, ann_img, itertools.repeat(-1)), np.int64, len(anns))
     order = np.argsort(rank, kind="stable")
     order = order[rank[order] >= 0]
-    bbox = [a.get("bbox") for a in anns]
-    if set(map(type, bbox)) <= {list} and set(map(len, bbox)) <= {4} and \
-            set(map(type, itertools.chain.from_iterable(bbox))) <= {int, float}:  # the common case, in C loops
-        xywh = np.fromiter(itertools.chain.from_iterable(bbox), np.float32, 4 * len(bbox)).reshape(-1, 4)
-        bad_bbox = np.zeros(len(anns), bool)
-    else:
-        good = [_is_bbox(b) for b in bbox]
-        xywh = np.array([b if ok else (0, 0, 0, 0) for b, ok in zip(bbox, good)], np.float32).reshape(-1, 4)
-        bad_bbox = ~np.array(good, bool).reshape(-1)
-    unknown = {c for c in set(ann_cat) if c not in cat_id_to_label}
-    bad_cat = np.fromiter((c in unknown for c in ann_cat), bool, len(anns)) if unknown else np.zeros(len(anns), bool)
-    labels = np.fromiter(map(cat_id_to_label.get, ann_cat, itertools.repeat(0)), np.int64, len(anns))
-    has_area = np.fromiter(("area" in a for a in anns), bool, len(anns))
-    has_crowd = np.fromiter(("iscrowd" in a for a in anns), bool, len(anns))
-    crowd = np.fromiter((bool(a.get("iscrowd", 0)) for a in anns), bool, len(anns))
-    rank, xywh, bad_bbox, bad_cat, labels, has_area, has_crowd, crowd = (
-        x[order] for x in (rank, xywh, bad_bbox, bad_cat, labels, has_area, has_crowd, crowd))
+    bbox, *fields = _annotation_fields(anns, ann_cat, cat_id_to_label)
+    rank, xywh, bad_bbox, bad_cat, labels, has_area, has_crowd, crowd = (x[order] for x in (rank, *fields))
     m = len(order)
 
     def where(j):
@@ -307,25 +320,31 @@ def _build_index(ann, train):
     train_error = first_error(checks)
     if train_error:
         raise DataError(ann + (train_error if train else eval_error))
+    arrays, dropped = _flat_arrays(ids, width, height, files, rank, xywh, crowd, labels)
+    counts = [["without 'iscrowd' (taken as 0)", int((~has_crowd).sum())],
+              ["without 'area' (not used in training)", int((~has_area).sum())],
+              ["boxes dropped without positive area inside the image (degenerate, outside, NaN/inf)", dropped]]
+    meta = {"version": INDEX_VERSION, "source": os.path.realpath(ann), "digest": digest, "cat_ids": cat_ids,
+            "names": names, "annotations": len(d.get("annotations") or []), "counts": counts, "eval_error": eval_error,
+            "repeated_ids": sum(k > 1 for k in uses.values()) if dup is not None else 0}
+    return meta, arrays
+
+
+def _flat_arrays(ids, width, height, files, rank, xywh, crowd, labels):
+    """The index's arrays from the checked fields (annotations in per-image order, rank = their image's position):
+    non-crowd boxes in legacy xyxy clipped to the image, those without positive area dropped (their count is
+    returned too), file names as one utf-8 buffer with offsets."""
+    n = len(ids)
     sizes = np.stack([np.array(width, np.int64), np.array(height, np.int64)], 1).reshape(n, 2)
     boxes, keep = legacy_boxes(xywh[~crowd], sizes[rank[~crowd], 0], sizes[rank[~crowd], 1])
-    labels = labels[~crowd][keep]
     box_off = np.zeros(n + 1, np.int64)
     np.cumsum(np.bincount(rank[~crowd][keep], minlength=n), out=box_off[1:])
     encoded = [f.encode("utf-8", "surrogatepass") for f in files]
     name_off = np.zeros(n + 1, np.int64)
     np.cumsum(np.fromiter(map(len, encoded), np.int64, n), out=name_off[1:])
-    counts = [["without 'iscrowd' (taken as 0)", int((~has_crowd).sum())],
-              ["without 'area' (not used in training)", int((~has_area).sum())],
-              ["boxes dropped without positive area inside the image (degenerate, outside, NaN/inf)",
-               int((~keep).sum())]]
-    meta = {"version": INDEX_VERSION, "source": os.path.realpath(ann), "digest": digest, "cat_ids": cat_ids,
-            "names": names, "annotations": len(d.get("annotations") or []), "counts": counts, "eval_error": eval_error,
-            "repeated_ids": sum(k > 1 for k in uses.values()) if dup is not None else 0}
-    return meta, {"ids": ids, "sizes": sizes, "name_off": name_off,
-                  "name_buf": np.frombuffer(b"".join(encoded), np.uint8), "box_off": box_off,
-                  "boxes": np.ascontiguousarray(boxes[keep]), "labels": labels}
-
+    arrays = {"ids": ids, "sizes": sizes, "name_off": name_off, "name_buf": np.frombuffer(b"".join(encoded), np.uint8),
+              "box_off": box_off, "boxes": np.ascontiguousarray(boxes[keep]), "labels": labels[~crowd][keep]}
+    return arrays, int((~keep).sum())
 
 def _copy(values):
     return np.array(values)
