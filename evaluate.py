@@ -22,10 +22,7 @@ import glob
 import json
 import os
 
-# torch's OpenMP threads wait for each other at every op; libgomp's default spins first, and when another process
-# holds a core the spinning collapses a CPU run 4-10x. Sleeping waits keep it near its share. Read once, when torch
-# loads OpenMP, so it is set before `import torch`; a value in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # sleeping OpenMP waits on a busy CPU: see train.py
 
 import torch  # noqa: E402 (after OMP_WAIT_POLICY)
 

@@ -89,9 +89,8 @@ def all_reduce(tensor, op=dist.ReduceOp.SUM):
 
 
 def gather_objects(obj, dst=0):
-    """[obj of rank 0, obj of rank 1, ...] on rank dst (None on the others), pickled through torchrun's store:
-    rank dst waits for each rank's object; any picklable object, tensors included (they arrive on the CPU where
-    they were sent from it)."""
+    """[obj of rank 0, obj of rank 1, ...] on rank dst (None on the others), pickled through torchrun's store
+    (rank dst waits for each rank's object): any picklable object; tensors should be on the CPU."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     key = f"gather{next(_exchange)}/"
     if rank != dst:
