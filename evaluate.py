@@ -69,7 +69,7 @@ def load(ckpt_path, preset=None, overrides=(), verbose=True):
     return net.to(device).eval(), cfg, device, categories
 
 
-def predict(net, loader, device, rank=0, world_size=1, amp=""):
+def predict(net, loader, device, rank=0, amp=""):
     """Detections on every image of loader.dataset, each rank running its shard, gathered on rank 0 by dataset
     index: {index: {"boxes" (D, 4) float32 xyxy, "scores" (D,), "labels" (D,) 1..K-1}} on the CPU (None on other
     ranks). Boxes are in the original image's pixels (the json's size for a COCO split), rescaled per axis from the
@@ -90,10 +90,8 @@ def predict(net, loader, device, rank=0, world_size=1, amp=""):
                 mine[i] = det
             bar.update(len(indices))
     net.train(was_training)
-    if world_size == 1:
-        return mine
     parts = launch.gather_objects(mine)
-    return {i: det for part in parts for i, det in part.items()} if rank == 0 else None
+    return {i: det for part in parts for i, det in part.items()} if parts else None
 
 
 def coco_records(det, label_to_cat_id):
@@ -178,7 +176,7 @@ def evaluate_coco(net, cfg, device, rank=0, world_size=1):
     split, out = cfg.val_split, cfg.output_dir
     loader = data.make_test_loader(cfg, split, rank, world_size)
     data.check_classes(loader.dataset, cfg)
-    dets = predict(net, loader, device, rank, world_size, cfg.amp)
+    dets = predict(net, loader, device, rank, cfg.amp)
     if rank != 0:
         return None
     ds = loader.dataset
@@ -230,7 +228,7 @@ def run_images(args, net, cfg, device, categories, rank, world_size):
     label_to_cat_id = {label: c["id"] for label, c in enumerate(categories, 1)}
     names = ["__background__"] + [c["name"] for c in categories]
     loader = data.make_test_loader(cfg, rank=rank, world_size=world_size, dataset=data.ImageFiles(paths, cfg))
-    dets = predict(net, loader, device, rank, world_size, cfg.amp)
+    dets = predict(net, loader, device, rank, cfg.amp)
     if rank != 0:
         return
     results = []

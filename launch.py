@@ -90,7 +90,10 @@ def all_reduce(tensor, op=dist.ReduceOp.SUM):
 
 def gather_objects(obj, dst=0):
     """[obj of rank 0, obj of rank 1, ...] on rank dst (None on the others), pickled through torchrun's store
-    (rank dst waits for each rank's object): any picklable object; tensors should be on the CPU."""
+    (rank dst waits for each rank's object): any picklable object; tensors should be on the CPU. [obj] when no
+    process group was made (one process)."""
+    if not dist.is_initialized():
+        return [obj]
     rank, world_size = dist.get_rank(), dist.get_world_size()
     key = f"gather{next(_exchange)}/"
     if rank != dst:

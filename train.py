@@ -139,14 +139,14 @@ def train_step(ddp, optimizer, scaler, images, image_sizes, targets, it, cfg):
     return losses
 
 
-def save_checkpoint(it, model, optimizer, scaler, loader, cfg, rank, world_size):
+def save_checkpoint(it, model, optimizer, scaler, loader, cfg, rank):
     """Every rank's RNG state gathered, then rank 0 writes model_{it}.pth. Non-finite weights are never saved."""
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:  # a step with a finite loss can still overflow the weights: never checkpoint those
         raise FloatingPointError(f"non-finite weights after iteration {it} ({', '.join(bad[:4])}"
                                  f"{' ...' if len(bad) > 4 else ''}); nothing saved: the newest checkpoint in "
                                  f"{cfg.output_dir} is the last good state; lower base_lr or check the data")
-    rng = launch.gather_objects(torch.get_rng_state()) if world_size > 1 else [torch.get_rng_state()]
+    rng = launch.gather_objects(torch.get_rng_state())
     if rank == 0:  # every rank's RNG state, so each resumes its own random stream
         extra = {"scaler": scaler.state_dict()} if scaler else {}
         checkpoint.save_training(cfg.output_dir, it, model, optimizer, cfg, keep=cfg.keep_checkpoints,
@@ -210,7 +210,7 @@ def main(argv=None):
                 data_time = iter_time = 0.0
             signum = stop.requested(device, world_size)
             if done % cfg.checkpoint_period == 0 or done == cfg.max_iter or signum:
-                save_checkpoint(done, model, optimizer, scaler, loader, cfg, rank, world_size)
+                save_checkpoint(done, model, optimizer, scaler, loader, cfg, rank)
             if signum:
                 if rank == 0:
                     print(f"train: {signal.Signals(signum).name} at iteration {done}: checkpoint written to "
