@@ -15,6 +15,7 @@ import data  # noqa: E402
 import demo  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(1, os.path.join(HERE, "fake_mlu"))  # the stand-in torch_mlu's helpers (test_mlu.py, test_ops.py)
 SHARED = os.path.join(HERE, "..", "shared")
 COCO_TINY = os.path.join(SHARED, "datasets", "coco_tiny")
 needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared (fixtures, coco_tiny) is absent")

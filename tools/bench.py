@@ -17,8 +17,10 @@ import argparse
 import math
 import os
 import statistics
+import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the product, at the repository root
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py and evaluate.py run (see train.py)
 import torch  # noqa: E402
 

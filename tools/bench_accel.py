@@ -349,7 +349,7 @@ def bench_trainloop(args):
     import config
     import model
     out_dir = tempfile.mkdtemp(prefix="trainloop_")
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
     cfg = config.get(args.config, verbose=False)  # random initial weights, saved: train.py refuses none for a
     checkpoint.save(os.path.join(out_dir, "init.pth"), model.build_model(cfg), cfg)  # frozen preset
     cmd = [sys.executable, os.path.join(here, "train.py"), "--config", args.config, f"data_root={args.data}",
@@ -523,7 +523,7 @@ def bench_gpu(args):
     import signal
     import subprocess
     import sys
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
     args.out, args.data = os.path.abspath(args.out), os.path.abspath(args.data)
     os.makedirs(args.out, exist_ok=True)
     out = lambda name: os.path.join(args.out, name)  # noqa: E731
