@@ -9,12 +9,16 @@ paragraph and exit code 2.
     launch.numeric_policy(cfg)                           # FP32 as upstream, or TF32 when cfg.tf32
     ...
     launch.finish(world_size)
+    launch.build_once(lock, ready, build)                # a file made by one process of the machine, the rest wait
+    launch.atomic_write(path, lambda f: f.write(data))   # a temporary file renamed into place
 
     if __name__ == "__main__":
         launch.run_cli(main)
 """
 import collections
+import contextlib
 import datetime
+import fcntl
 import itertools
 import os
 import pickle
@@ -144,6 +148,38 @@ def peak_memory_mb(device):
     import resource  # CPU: the process's peak resident set, in KiB on Linux
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_once(lock_path, ready, build):
+    """ready() when it finds the thing built (anything but None); else, under an exclusive lock on lock_path
+    (flock: the kernel releases it when its holder dies, so a killed build never blocks the next), ready() again,
+    since the process we waited for may have built it, and else build(). So one process of a machine builds (a
+    native extension, a json index, the demo data) while the others wait, then find it. OSError if lock_path's
+    folder cannot be made or written."""
+    found = ready()
+    if found is not None:
+        return found
+    os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = ready()
+        return found if found is not None else build()
+
+
+def atomic_write(path, write, mode="wb"):
+    """write(f) into a temporary file beside path, then fsync and rename it to path: readers see the old file or
+    the whole new one, never a part. On failure the temporary file is removed and the error raised."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def user_message(e):
