@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import config
+import launch
 
 PREDICTOR_KEYS = ("roi_heads.box.predictor.cls_score.", "roi_heads.box.predictor.bbox_pred.")
 IMAGENET_URL = "https://dl.fbaipublicfiles.com/detectron/ImageNetPretrained/MSRA/R-101.pkl (or R-50.pkl)"
@@ -128,18 +129,11 @@ def save(path, model, cfg, **extra):
 
 
 def _atomic_write(path, write):
-    tmp = f"{path}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
+        launch.atomic_write(path, write)
     except (OSError, RuntimeError) as e:
         # torch.save's zip writer turns an OSError (a full disk: ENOSPC, EFBIG) into a RuntimeError as it closes
         error = e if isinstance(e, OSError) else e.__context__
-        if os.path.exists(tmp):
-            os.remove(tmp)
         if not isinstance(error, OSError):
             raise
         raise CheckpointError(f"cannot write {path} in output_dir {os.path.dirname(path) or '.'}: "

@@ -1,11 +1,14 @@
-"""Shared test fixtures: a small generated data set, coco_tiny's location (../shared, absent in a user's clone),
-tiny training settings, and helpers to run the scripts as a user would."""
+"""Shared test fixtures: small generated data sets (the demo's shapes; a COCO-like set with COCO's 80 category ids,
+crowd, tiny and polygon annotations), tiny model and training settings, and helpers to run the scripts as a user
+would. coco_tiny (80 + 80 real COCO 2017 images in ../shared, absent in a user's clone) is an extra case where
+present, never the only one."""
 import json
 import os
 import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -16,9 +19,9 @@ import demo  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(1, os.path.join(HERE, "fake_mlu"))  # the stand-in torch_mlu's helpers (test_mlu.py, test_ops.py)
-SHARED = os.path.join(HERE, "..", "shared")
-COCO_TINY = os.path.join(SHARED, "datasets", "coco_tiny")
-needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared (fixtures, coco_tiny) is absent")
+COCO_TINY = os.path.join(HERE, "..", "shared", "datasets", "coco_tiny")
+# Data sets in COCO 2017's layout the COCO tests run on: the generated one always, coco_tiny where present.
+COCO_SETS = ["coco_like"] + (["coco_tiny"] if os.path.isdir(COCO_TINY) else [])
 # The demo network on 96-128 px images: a training iteration takes well under a second on 2 cores.
 TINY = ["min_size_train=(96,)", "max_size_train=128", "min_size_test=96", "max_size_test=128", "ims_per_batch=2",
         "test_ims_per_batch=2", "log_period=1", "num_workers=0", "rpn_pre_nms_top_n_train=200",
@@ -38,6 +41,54 @@ def demo_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("demo"))
     demo.make_demo_dataset(root, seed=3, num_train=24, num_val=8)
     return root
+
+
+def tiny_cfg(**kw):
+    """The real key layout at toy widths; frozen_bn by default to cover upstream's path."""
+    base = dict(stage_blocks=(1, 1, 1, 1), stem_channels=8, width_per_group=4, fpn_channels=16, mlp_dim=32,
+                num_classes=5, anchor_sizes=(16, 32, 64, 128, 256), rpn_pre_nms_top_n_train=200,
+                rpn_post_nms_top_n_train=100, fpn_post_nms_top_n_train=150, rpn_pre_nms_top_n_test=100,
+                rpn_post_nms_top_n_test=50, fpn_post_nms_top_n_test=60, rpn_batch_per_image=64,
+                roi_batch_per_image=32, device="cpu")
+    base.update(kw)
+    return config.Config(**base)
+
+
+@pytest.fixture(scope="session")
+def coco_like(tmp_path_factory):
+    """A generated data set shaped like COCO 2017's (read-only for tests): train2017 (16 images) and val2017 (8),
+    the demo's pictures at several sizes with each box given one of COCO's 80 category ids (1..90 with gaps),
+    sparse unsorted image ids, polygons, crowd boxes, 1-px boxes (dropped by training), an image without
+    annotations, and an 'info' and 'licenses' as COCO's files have."""
+    import evaluate
+    root = str(tmp_path_factory.mktemp("coco_like"))
+    rng = np.random.default_rng(7)
+    for k, (split, count) in enumerate((("train2017", 16), ("val2017", 8))):
+        os.makedirs(os.path.join(root, split))
+        images, anns = [], []
+        for img_id in rng.choice(10 ** 6, count, replace=False).tolist():
+            img, info, boxes = demo._demo_image(rng, f"{img_id:012d}.jpg", img_id, 1)
+            img.save(os.path.join(root, split, info["file_name"]), quality=90)
+            images.append(info)
+            if len(images) == 2:
+                continue  # an image without annotations
+            boxes.append(dict(boxes[0], bbox=[5, 5, 1, 30]))  # 1 px wide: no area after upstream's -1
+            for b in boxes:
+                anns.append(dict(b, id=len(anns) + 1 + 100000 * k, category_id=int(rng.choice(evaluate.COCO_IDS)),
+                                 iscrowd=int(rng.random() < 0.15)))
+        out = {"info": {"description": "coco-like test set"}, "licenses": [], "images": images,
+               "annotations": anns, "categories": [{"id": i, "name": n, "supercategory": "thing"}
+                                                   for i, n in zip(evaluate.COCO_IDS, evaluate.COCO_NAMES)]}
+        os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+        with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
+            json.dump(out, f)
+    return root
+
+
+@pytest.fixture(params=COCO_SETS)
+def coco_set(request):
+    """The folder of each COCO-layout set (see COCO_SETS), one test run each."""
+    return request.getfixturevalue("coco_like") if request.param == "coco_like" else COCO_TINY
 
 
 def free_port():

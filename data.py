@@ -11,7 +11,8 @@ Loaders (both yield (images (N,3,Hp,Wp), image_sizes [(h, w)], targets [dict], d
 A target is {"boxes": (G,4) float32 legacy xyxy in resized pixels, "labels": (G,) int64 in 1..K} ({} for image
 files); training adds "skipped": the unreadable files passed over to fill this slot (count them in the log).
 Resuming replays the batch stream from (seed, epoch), so a resumed run sees exactly the images and augmentations
-an uninterrupted one would have seen. A split under cfg.demo_data is generated first (demo.py) if absent.
+an uninterrupted one would have seen. The loaders generate the demo's data first (demo.py) when data_root is
+cfg.demo_data.
 """
 import functools
 import math
@@ -128,8 +129,6 @@ class CocoDetection(torch.utils.data.Dataset):
     def __init__(self, root, split, cfg, train, ann_file=None, image_dir=None):
         ann = ann_file or os.path.join(root, "annotations", f"instances_{split}.json")
         self.image_dir = image_dir or os.path.join(root, split)
-        if cfg.demo_data and os.path.abspath(root) == os.path.abspath(cfg.demo_data) and not os.path.isfile(ann):
-            demo.make_demo_dataset(root)  # each split's json is written last: absent means not done
         if not os.path.isfile(ann):
             raise MissingData(f"no annotation file {ann}: set data_root to a folder in COCO's layout "
                               f"(annotations/instances_{split}.json and {split}/), or give the files with "
@@ -344,8 +343,16 @@ class TrainBatchSampler(torch.utils.data.Sampler):
         return {"iteration": iteration, "seed": self.seed, "ims_per_batch": self.batch, "num_images": len(self.groups)}
 
 
+def make_demo_data(cfg):
+    """The demo's generated shapes, written once when data_root is the config's demo_data folder (the demo
+    preset's) and they are absent or stale."""
+    if cfg.demo_data and os.path.abspath(cfg.data_root) == os.path.abspath(cfg.demo_data):
+        demo.make_demo_dataset(cfg.data_root)
+
+
 def make_train_loader(cfg, rank=0, world_size=1, start_iter=0, sampler_state=None):
     """Endless training loader for this rank; loader.state(it) is the sampler position to checkpoint."""
+    make_demo_data(cfg)
     dataset = CocoDetection(cfg.data_root, cfg.train_split, cfg, True, cfg.train_ann, cfg.train_images)
     for note in dataset.notes if rank == 0 else ():
         print(note)
@@ -369,6 +376,7 @@ def make_test_loader(cfg, split=None, rank=0, world_size=1, dataset=None):
     indices (upstream's shards), test_ims_per_batch // world_size images per forward, grouped by aspect when
     aspect_grouping."""
     if dataset is None:
+        make_demo_data(cfg)
         split = split or cfg.val_split
         own = split == cfg.val_split  # val_ann / val_images belong to val_split
         dataset = CocoDetection(cfg.data_root, split, cfg, False, own and cfg.val_ann, own and cfg.val_images)

@@ -2,15 +2,16 @@
 deterministic from a seed, so `python train.py --config demo` runs the whole job on a fresh machine.
 
     make_demo_dataset(root, seed=0)   # root/{train2017,val2017}/*.jpg + root/annotations/instances_*.json
-data.py calls it when data_root is the config's demo_data folder (the demo preset's) and a json is absent.
+data.py's loader factories call it when data_root is the config's demo_data folder (the demo preset's).
 """
 import colorsys
-import fcntl
 import json
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+import launch
 
 
 DEMO_CLASSES = ("rectangle", "ellipse", "triangle")
@@ -75,24 +76,39 @@ def _overlap_ok(a, b):
 def make_demo_dataset(root, seed=0, num_train=500, num_val=100, splits=("train2017", "val2017")):
     """Write the demo data set once: root/{split}/*.jpg and root/annotations/instances_{split}.json, COCO 2017's
     layout, everything a function of seed. A split whose json exists with the same recipe and all its images
-    is left alone; the json is written last (temporary file, rename), so an interrupted run is redone."""
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    with open(os.path.join(root, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # torchrun's ranks all ask: one writes, the others wait, then find it done
-        for k, (split, count) in enumerate(zip(splits, (num_train, num_val))):
-            _write_split(root, split, k, count, seed)
+    is left alone; the json is written last (temporary file, rename), so an interrupted run is redone. torchrun's
+    ranks all ask: one writes, the others wait, then find it done (launch.build_once)."""
+    todo = [(k, split, count) for k, (split, count) in enumerate(zip(splits, (num_train, num_val)))]
+
+    def ready():
+        return True if all(_is_written(root, split, k, count, seed) for k, split, count in todo) else None
+
+    def build():
+        for k, split, count in todo:
+            if not _is_written(root, split, k, count, seed):
+                _write_split(root, split, k, count, seed)
+        return True
+
+    launch.build_once(os.path.join(root, "annotations", ".lock"), ready, build)
+
+
+def _recipe(k, count, seed):
+    return f"demo shapes v3 seed={seed} split={k} count={count}"
+
+
+def _is_written(root, split, k, count, seed):
+    """The split's json exists, says it was written by this recipe, and all its images are there."""
+    ann_path = os.path.join(root, "annotations", f"instances_{split}.json")
+    if not os.path.isfile(ann_path):
+        return False
+    with open(ann_path) as f:
+        old = json.load(f)
+    return old.get("info", {}).get("description") == _recipe(k, count, seed) and all(
+        os.path.isfile(os.path.join(root, split, i["file_name"])) for i in old["images"])
 
 
 def _write_split(root, split, k, count, seed):
-    """One split, unless its json says it was written by the same recipe and all its images are there."""
-    recipe = f"demo shapes v3 seed={seed} split={k} count={count}"
-    ann_path = os.path.join(root, "annotations", f"instances_{split}.json")
-    if os.path.isfile(ann_path):
-        with open(ann_path) as f:
-            old = json.load(f)
-        if old.get("info", {}).get("description") == recipe and all(
-                os.path.isfile(os.path.join(root, split, i["file_name"])) for i in old["images"]):
-            return
+    """One split: its images, then its json."""
     os.makedirs(os.path.join(root, split), exist_ok=True)
     rng = np.random.default_rng([seed, k])
     images, anns = [], []
@@ -102,9 +118,7 @@ def _write_split(root, split, k, count, seed):
         img.save(os.path.join(root, split, info["file_name"]), quality=92)
         images.append(info)
         anns += a
-    out = {"info": {"description": recipe}, "licenses": [], "images": images, "annotations": anns,
+    out = {"info": {"description": _recipe(k, count, seed)}, "licenses": [], "images": images, "annotations": anns,
            "categories": [{"id": c + 1, "name": n, "supercategory": "shape"} for c, n in enumerate(DEMO_CLASSES)]}
-    with open(ann_path + ".tmp", "w") as f:
-        json.dump(out, f)
-    os.replace(ann_path + ".tmp", ann_path)
+    launch.atomic_write(os.path.join(root, "annotations", f"instances_{split}.json"), lambda f: json.dump(out, f), "w")
     print(f"data: wrote the demo split {split}: {count} images, {len(anns)} boxes under {root}")

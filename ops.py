@@ -35,6 +35,9 @@ import warnings
 import torch
 from torch.autograd.function import once_differentiable
 
+import launch
+import ops_mlu
+
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ops_mlu.cpp")
 _MODES = ("auto", "native", "torchvision", "cpu")
 _ext = {"tried": False, "ok": False, "mlu": False, "error": "", "build_s": None, "path": None}
@@ -53,7 +56,7 @@ def _mode():
     return mode
 
 
-# ------------------------------------------------------------------------------------------------- building
+# ---- building
 def _mlu_build_args():
     """(cflags, include dirs, ldflags) for the WITH_MLU variant, or None with the reason."""
     if importlib.util.find_spec("torch_mlu") is None:
@@ -88,7 +91,8 @@ def _sdk_version(incs):
 
 
 def _build(cflags, incs, ldflags, tag):
-    """Load the variant from the cache, building it first if needed; returns the .so path or raises."""
+    """Load the variant from the cache, building it first if needed (one process of the machine builds, the
+    others wait for it); returns the .so path or raises."""
     from torch.utils import cpp_extension
     flags = ["-O3"] + (["-fopenmp"] if torch._C.has_openmp else []) + cflags  # at::parallel_for is OpenMP inline
     with open(_SRC, "rb") as f:
@@ -99,20 +103,22 @@ def _build(cflags, incs, ldflags, tag):
     build_dir = os.path.join(root, name)
     so = os.path.join(build_dir, f"{name}.so")
     done = os.path.join(build_dir, "built.ok")  # written after a complete build, so a half-linked .so is never used
-    if os.path.isfile(done) and os.path.isfile(so):  # cached start: load the .so, skip cpp_extension and ninja
+
+    def build():
+        t0 = time.time()
+        cpp_extension.load(name=name, sources=[_SRC], extra_cflags=flags, extra_include_paths=incs,
+                           extra_ldflags=ldflags + (["-fopenmp"] if torch._C.has_openmp else []),
+                           build_directory=build_dir, is_python_module=False,
+                           verbose=os.environ.get("FRCNN_OPS_VERBOSE", "0") == "1")
+        _ext["build_s"] = time.time() - t0
+        launch.atomic_write(done, lambda f: f.write(f"{_ext['build_s']:.1f} s\n"), "w")
+        _log(f"built {name} in {_ext['build_s']:.1f} s (cached in {build_dir})")
+        return "built"  # cpp_extension.load has loaded it
+
+    # a cached start only loads the .so, without cpp_extension and ninja
+    if launch.build_once(os.path.join(build_dir, "build.lock"), lambda: "cached" if os.path.isfile(done) else None,
+                         build) == "cached":
         torch.ops.load_library(so)
-        return so
-    os.makedirs(build_dir, exist_ok=True)
-    t0 = time.time()
-    verbose = os.environ.get("FRCNN_OPS_VERBOSE", "0") == "1"
-    cpp_extension.load(name=name, sources=[_SRC], extra_cflags=flags, extra_include_paths=incs,
-                       extra_ldflags=ldflags + (["-fopenmp"] if torch._C.has_openmp else []),
-                       build_directory=build_dir, is_python_module=False, verbose=verbose)
-    _ext["build_s"] = time.time() - t0
-    with open(done + ".tmp", "w") as f:
-        f.write(f"{_ext['build_s']:.1f} s\n")
-    os.replace(done + ".tmp", done)
-    _log(f"built {name} in {_ext['build_s']:.1f} s (cached in {build_dir})")
     return so
 
 
@@ -156,7 +162,7 @@ def extension_info():
     return dict(_ext)
 
 
-# ------------------------------------------------------------------------------------------- backend choice
+# ---- backend choice
 def _tv_has_kernel(op, key):
     try:
         import torchvision  # noqa: F401  (defines the torchvision:: schemas that torch_mlu implements)
@@ -185,14 +191,15 @@ def _mlu_kernel(backend, op):
 
 def _choose_mlu(mode):
     """Per op, the first MLU backend whose kernel passes the self-test (ops_mlu.py); else the CPU round trip."""
-    import ops_mlu
     chosen, notes, found = {}, [], _mlu_backends()
     if mode == "native" and found[:1] != ["native-mlu"]:
         raise RuntimeError(f"FRCNN_OPS=native but our MLU kernels are not built ({_ext['error'] or 'see above'})")
+    references = {"nms": lambda *a: _nms(backend_name("cpu", "nms"), *a),  # the CPU kernels
+                  "roi_align": lambda *a: _roi_align(backend_name("cpu", "roi_align"), *a)}
     for op, self_test, route in (("nms", ops_mlu.self_test_nms, ops_mlu.mlu_nms),
                                  ("roi_align", ops_mlu.self_test_roi_align, ops_mlu.mlu_roi_align)):
         for backend in found[:1] if mode == "native" else found:
-            err = self_test(lambda *a: route(*a, kernel=_mlu_kernel(backend, op)), "mlu")
+            err = self_test(lambda *a: route(*a, kernel=_mlu_kernel(backend, op)), references[op], "mlu")
             if not err:
                 chosen[op] = backend
                 break
@@ -248,7 +255,7 @@ def reset_backends():
     _backends.clear()
 
 
-# ----------------------------------------------------------------------------------------------------- NMS
+# ---- NMS
 def _shift_legacy(boxes, offset):
     # x2 + 1, y2 + 1 turns torchvision's IoU into the legacy +1 IoU (areas and intersections both gain +1).
     return boxes if not offset else torch.cat([boxes[:, :2], boxes[:, 2:] + offset], dim=1)
@@ -273,7 +280,6 @@ def _nms(backend, boxes, scores, iou_threshold, offset):
     if backend == "cpu-roundtrip":
         return _nms(backend_name("cpu", "nms"), boxes.cpu(), scores.cpu(), iou_threshold, offset).to(boxes.device)
     if boxes.device.type == "mlu":  # our CNNL kernels or torch_mlu's: CNNL-safe inputs (ops_mlu.py)
-        import ops_mlu
         return ops_mlu.mlu_nms(boxes, scores, iou_threshold, offset, kernel=_mlu_kernel(backend, "nms"))
     import torchvision
     return torchvision.ops.nms(_shift_legacy(boxes, offset), scores.to(boxes.dtype), iou_threshold)
@@ -302,7 +308,7 @@ def _batched_nms(backend, boxes, scores, idxs, iou_threshold, offset):
     return _nms(backend, shifted, scores, iou_threshold, offset)
 
 
-# ------------------------------------------------------------------------------------------------ ROIAlign
+# ---- ROIAlign
 class _RoIAlign(torch.autograd.Function):
     """Our forward and backward kernels; gradient w.r.t. input only (as torchvision: rois get none)."""
 
@@ -345,7 +351,6 @@ def _roi_align(backend, input, rois, output_size, spatial_scale, sampling_ratio,
         return _roi_align(backend_name("cpu", "roi_align"), input.cpu(), rois.cpu(), (ph, pw), spatial_scale,
                           sampling_ratio, aligned).to(input.device)
     if input.device.type == "mlu":  # our CNNL kernels or torch_mlu's: CNNL-safe inputs (ops_mlu.py)
-        import ops_mlu
         return ops_mlu.mlu_roi_align(input, rois, (ph, pw), spatial_scale, sampling_ratio, aligned,
                                      kernel=_mlu_kernel(backend, "roi_align"))
     # half/bf16: accumulate in float32, as upstream's AMP float_function did (and rois never rounded to bf16)

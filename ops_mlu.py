@@ -13,7 +13,7 @@ to CNNL one to one), and what we do about each point:
 """
 import torch
 
-# ------------------------------------------------------------------------------------------------------- NMS
+# ---- NMS
 
 
 def cnnl_iou_threshold(t):
@@ -54,7 +54,7 @@ def mlu_nms(boxes, scores, iou_threshold, offset, kernel):
     return kept[torch.sort(scores[kept], descending=True, stable=True)[1]]
 
 
-# -------------------------------------------------------------------------------------------------- ROIAlign
+# ---- ROIAlign
 def sanitize_rois(rois):
     """(K, 5) RoIs that CNNL accepts: x1, y1 clamped at 0, and x2 (y2) raised just above x1 (y1) where it is not
     above. RoIs that already qualify are returned unchanged. With aligned=False the result equals torchvision's on
@@ -83,7 +83,7 @@ def mlu_roi_align(input, rois, output_size, spatial_scale, sampling_ratio, align
     return out.to(input.dtype)
 
 
-# ------------------------------------------------------------------------------------------------- self-test
+# ---- self-test
 def _near_threshold_pairs(t, offset, first_column):
     """Box pairs (A, B), B inside A, whose float32 IoU is float32(t), the floats either side of it and t' (where a
     wrong >=/> rule, a wrong nudge or a lost +1 shows). A = [x,0,a,a], B = [x,0,a,w]; side a and width w are
@@ -113,20 +113,19 @@ def _plain_mode(self_test):
     import functools
 
     @functools.wraps(self_test)
-    def wrapper(run, device):
+    def wrapper(run, reference, device):
         with torch.inference_mode(False), torch.enable_grad(), \
                 torch.autocast(torch.device(device).type, enabled=False):
-            return self_test(run, device)
+            return self_test(run, reference, device)
     return wrapper
 
 
 @_plain_mode
-def self_test_nms(run, device):
-    """'' when `run(boxes, scores, iou_threshold, offset)` on `device` keeps what the CPU kernels keep, in the same
-    order, else what differed. ~200 random boxes on a 1/16 grid (so the legacy +1 shift is exact) with duplicates,
+def self_test_nms(run, reference, device):
+    """'' when `run(boxes, scores, iou_threshold, offset)` on `device` keeps what `reference` (the CPU kernels, same
+    signature, CPU tensors) keeps, in the same order, else what differed. ~200 random boxes on a 1/16 grid (so the legacy +1 shift is exact) with duplicates,
     tied and zero scores and degenerate boxes, plus pairs whose IoU sits at and next to the threshold; thresholds
     0.3, 0.5, 0.6, 0.7 (float32 above, exact, above, below the real value), offsets 0 and 1."""
-    import ops
     gen = torch.Generator().manual_seed(0)
     xy = torch.rand(160, 2, generator=gen) * 300
     rand = torch.cat([xy, xy + torch.rand(160, 2, generator=gen) * 80 + 1], 1).mul(16).round().div(16)
@@ -136,7 +135,7 @@ def self_test_nms(run, device):
             boxes = torch.cat([rand, _near_threshold_pairs(t, offset, first_column=5)])  # columns right of rand
             scores = torch.randint(0, 40, (len(rand),), generator=gen).float() / 40  # ties and zeros
             scores = torch.cat([scores, torch.tensor([0.9, 0.8]).repeat((len(boxes) - len(rand)) // 2)])
-            want = ops._nms(ops.backend_name("cpu", "nms"), boxes, scores, t, offset)
+            want = reference(boxes, scores, t, offset)
             try:
                 got = run(boxes.to(device), scores.to(device), t, offset).cpu()
             except Exception as e:  # noqa: BLE001
@@ -152,14 +151,12 @@ ROI_TOLERANCE = 1e-3  # absolute, float32, forward and input gradient; the value
 
 
 @_plain_mode
-def self_test_roi_align(run, device):
-    """'' when `run(input, rois, output_size, spatial_scale, sampling_ratio, aligned)` on `device` matches the CPU
-    kernels, forward and input gradient, within ROI_TOLERANCE, else what differed. The model's own settings: two
+def self_test_roi_align(run, reference, device):
+    """'' when `run(input, rois, output_size, spatial_scale, sampling_ratio, aligned)` on `device` matches
+    `reference` (the CPU kernels, same signature), forward and input gradient, within ROI_TOLERANCE, else what differed. The model's own settings: two
     images with RoIs on image 1 too, 12 RoIs, 64 channels, scales 1/4 and 1/16, sampling 2 and adaptive (-1), aligned
     both ways; RoIs inside the image, crossing its far edge, and (aligned=False) zero-width and inverted."""
-    import ops
     gen = torch.Generator().manual_seed(1)
-    cpu = ops.backend_name("cpu", "roi_align")
     for scale in (1 / 4, 1 / 16):
         h, w = int(96 * scale) + 1, int(128 * scale) + 1  # a 96x128 image's feature map
         x = torch.randn(2, 64, h, w, generator=gen)
@@ -172,7 +169,7 @@ def self_test_roi_align(run, device):
                 r[3, 3], r[9, 4] = r[3, 1], r[9, 2] - 5  # zero width; inverted height
             for ratio in (2, -1):
                 grad = torch.randn(12, 64, 7, 7, generator=gen)
-                want, want_g = _roi_run(lambda *a: ops._roi_align(cpu, *a), x, r, scale, ratio, aligned, grad, "cpu")
+                want, want_g = _roi_run(reference, x, r, scale, ratio, aligned, grad, "cpu")
                 try:
                     got, got_g = _roi_run(run, x, r, scale, ratio, aligned, grad, device)
                 except Exception as e:  # noqa: BLE001

@@ -11,7 +11,7 @@ import torch
 import checkpoint
 import config
 import model
-from test_model import tiny_cfg
+from conftest import tiny_cfg
 
 
 def test_upstream_checkpoint_with_module_prefix_loads(tmp_path, capsys):

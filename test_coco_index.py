@@ -13,7 +13,7 @@ import pytest
 import coco_index
 import config
 import data
-from conftest import COCO_TINY, ann, dataset, needs_shared, solid
+from conftest import ann, dataset, solid
 
 
 # ---- the json parsed once per machine: flat arrays, the index file and its lock
@@ -118,11 +118,10 @@ def index_cache(tmp_path, monkeypatch):
     return folder
 
 
-@needs_shared
 @pytest.mark.parametrize("split", ["train2017", "val2017"])
-def test_index_matches_per_image_construction_on_coco_tiny(index_cache, split):
+def test_index_matches_per_image_construction_on_coco_sets(index_cache, coco_set, split):
     for train in (True, False, True):  # the second and third construction read the index the first one wrote
-        assert_same_as_reference(COCO_TINY, split, train)
+        assert_same_as_reference(coco_set, split, train)
     assert len(list(index_cache.glob("*.idx"))) == 1
 
 

@@ -21,7 +21,7 @@ import coco_index
 import config
 import data
 import demo
-from conftest import COCO_TINY, W, H, ann, cfg_for, dataset, solid, write_split, needs_shared
+from conftest import W, H, ann, cfg_for, dataset, solid, write_split
 
 
 def demo_cfg(root, *overrides):
@@ -210,14 +210,13 @@ def test_test_loader_shards_cover_every_image_once(demo_root):
     assert buffers == {1: [6]}
 
 
-@needs_shared
-def test_coco_tiny_matches_pycocotools():
+def test_coco_split_matches_pycocotools(coco_set):
     from pycocotools.coco import COCO
-    cfg = config.get("R-50-FPN", [f"data_root={COCO_TINY}", "min_size_test=160", "max_size_test=267"], verbose=False)
+    cfg = config.get("R-50-FPN", [f"data_root={coco_set}", "min_size_test=160", "max_size_test=267"], verbose=False)
     for split, train in (("train2017", True), ("val2017", False)):
         with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(os.path.join(COCO_TINY, "annotations", f"instances_{split}.json"))
-        ds = data.CocoDetection(COCO_TINY, split, cfg, train)
+            coco = COCO(os.path.join(coco_set, "annotations", f"instances_{split}.json"))
+        ds = data.CocoDetection(coco_set, split, cfg, train)
         cat_ids = sorted(coco.getCatIds())
         assert ds.cat_ids == cat_ids and len(ds.names) == 81 and ds.names[1] == coco.cats[cat_ids[0]]["name"]
         usable = {i: [a for a in coco.imgToAnns[i] if not a["iscrowd"] and a["bbox"][2] > 1 and a["bbox"][3] > 1]

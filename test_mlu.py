@@ -180,7 +180,7 @@ def test_mlu_with_mlu_section_compiles_against_cnnl_1_and_2(tmp_path):
         assert proc.returncode == 0, f"CNNL {major}.x:\n{err[-3000:]}"
 
 
-# ------------------------------------------------------------------------------ train.py and evaluate.py
+# ---- train.py and evaluate.py
 @pytest.fixture(scope="module")
 def trained(shim, tmp_path_factory):
     """A 2-iteration demo training with device=mlu: (data root, output dir, stdout, ops lines)."""

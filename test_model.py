@@ -14,20 +14,9 @@ import coco_index
 import config
 import model
 import ops
-from conftest import SHARED, needs_shared
+from conftest import HERE, tiny_cfg
 
 PLUS1 = torch.tensor([0.0, 0.0, 1.0, 1.0])  # +1 boxes -> torchvision's half-open convention
-
-
-def tiny_cfg(**kw):
-    """The real key layout at toy widths; frozen_bn by default to cover upstream's path."""
-    base = dict(stage_blocks=(1, 1, 1, 1), stem_channels=8, width_per_group=4, fpn_channels=16, mlp_dim=32,
-                num_classes=5, anchor_sizes=(16, 32, 64, 128, 256), rpn_pre_nms_top_n_train=200,
-                rpn_post_nms_top_n_train=100, fpn_post_nms_top_n_train=150, rpn_pre_nms_top_n_test=100,
-                rpn_post_nms_top_n_test=50, fpn_post_nms_top_n_test=60, rpn_batch_per_image=64,
-                roi_batch_per_image=32, device="cpu")
-    base.update(kw)
-    return config.Config(**base)
 
 
 def random_boxes(n, size=200, gen=None):
@@ -39,15 +28,15 @@ def random_boxes(n, size=200, gen=None):
 # ---- layout
 
 
-@needs_shared
 @pytest.mark.parametrize("preset", ["R-101-FPN", "R-50-FPN"])
-def test_state_dict_keys_and_shapes_equal_fixture(preset):
+def test_state_dict_keys_and_shapes_equal_upstream(preset):
     with torch.device("meta"):
         m = model.build_model(config.get(preset, verbose=False))
-    fixture = json.load(open(os.path.join(SHARED, "fixtures", f"keys_{preset}.json")))["keys"]
+    with open(os.path.join(HERE, "fixtures", "upstream_keys.json")) as f:  # upstream's state dict, key by key
+        fixture = json.load(f)[preset]["keys"]
     sd = m.state_dict()
-    assert list(sd) == [k["key"] for k in fixture]  # order too: upstream's module tree
-    assert {k: list(v.shape) for k, v in sd.items()} == {k["key"]: k["shape"] for k in fixture}
+    assert list(sd) == [k for k, _ in fixture]  # order too: upstream's module tree
+    assert {k: list(v.shape) for k, v in sd.items()} == dict(fixture)
     if preset == "R-101-FPN":  # upstream's parameter counts
         assert sum(p.numel() for p in m.parameters()) == 60_643_940
         assert sum(p.numel() for p in m.parameters() if p.requires_grad) == 60_421_540

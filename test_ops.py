@@ -33,7 +33,7 @@ def test_native_kernels_are_used_on_cpu():
     assert ops.backend_name("cpu") == "native"
 
 
-# ---------------------------------------------------------------------------------------------------- NMS
+# ---- NMS
 def random_boxes(n, gen, dtype=torch.float32, size=100.0, extent=400.0):
     xy = torch.rand(n, 2, generator=gen, dtype=torch.float64) * extent
     wh = torch.rand(n, 2, generator=gen, dtype=torch.float64) * size
@@ -171,7 +171,7 @@ def test_batched_nms_categories_do_not_interact():
     assert ops.batched_nms(boxes, scores, torch.tensor([4, 4, 4]), 0.5).tolist() == [0]
 
 
-# ----------------------------------------------------------------------------------------------- ROIAlign
+# ---- ROIAlign
 def ramp(h=4, w=4, channels=1, dtype=torch.float32):
     """(1, channels, h, w) with value 4y + x + 16c: bilinear interpolation of a linear map is exact."""
     y, x = torch.meshgrid(torch.arange(h, dtype=dtype), torch.arange(w, dtype=dtype), indexing="ij")
@@ -283,7 +283,7 @@ def test_roi_align_gradcheck(aligned, ratio):
     assert torch.autograd.gradcheck(lambda t: ops.roi_align(t, rois, (3, 2), 1.0, ratio, aligned), (x,))
 
 
-# ------------------------------------------------------------------------------------------- fallbacks
+# ---- fallbacks
 def test_forced_torchvision_fallback(monkeypatch):
     monkeypatch.setenv("FRCNN_OPS", "torchvision")
     ops.reset_backends()
@@ -344,7 +344,7 @@ def test_build_failure_falls_back_to_torchvision(tmp_path):
     assert len(lines) == 1 and "did not build" in lines[0], proc.stderr
 
 
-# ------------------------------------------------------------------- the MLU preparation (ops_mlu.py), on CPU
+# ---- the MLU preparation (ops_mlu.py), on CPU
 # CNNL's contract is emulated by fake_torch_mlu.cnnl_nms (drop at IoU >= t, drop score <= 0, valid boxes only) and
 # checked by fake_torch_mlu._check_roi_contract; torchvision's CPU kernels stand in for CNNL's ROIAlign arithmetic.
 import ops_mlu  # noqa: E402
@@ -446,7 +446,7 @@ def test_mlu_roi_align_maps_adaptive_sampling_to_zero():
     assert seen == [0] and torch.equal(out, torchvision.ops.roi_align(x, rois, 3, 0.25, -1))
 
 
-# ----------------------------------------------------------------------------- the self-test's power, on CPU
+# ---- the self-test's power, on CPU
 def cnnl_route(b, s, t, o):
     return ops_mlu.mlu_nms(b, s, t, o, kernel=cnnl_nms)
 
@@ -455,8 +455,16 @@ def tv_roi(x, r, size, scale, ratio, aligned):
     return torchvision.ops.roi_align(x, r, size, scale, ratio, aligned)
 
 
+def cpu_nms(*args):  # the self-tests' reference, as ops passes it
+    return ops._nms(ops.backend_name("cpu", "nms"), *args)
+
+
+def cpu_roi_align(*args):
+    return ops._roi_align(ops.backend_name("cpu", "roi_align"), *args)
+
+
 def test_self_test_passes_right_kernels_and_rejects_wrong_ones():
-    assert ops_mlu.self_test_nms(cnnl_route, "cpu") == ""
+    assert ops_mlu.self_test_nms(cnnl_route, cpu_nms, "cpu") == ""
     f32 = lambda t: torch.tensor(t, dtype=torch.float32)  # noqa: E731
     wrong_nms = {
         "no nudge (CNNL's >= at t)": lambda b, s, t, o: ops_mlu.mlu_nms(
@@ -469,12 +477,12 @@ def test_self_test_passes_right_kernels_and_rejects_wrong_ones():
         "CNNL without the preparation": lambda b, s, t, o: cnnl_nms(ops._shift_legacy(b, o), s, t),
     }
     for name, run in wrong_nms.items():
-        assert ops_mlu.self_test_nms(run, "cpu") != "", name
+        assert ops_mlu.self_test_nms(run, cpu_nms, "cpu") != "", name
 
     def route(kernel):
         return lambda *a: ops_mlu.mlu_roi_align(*a, kernel=kernel)
 
-    assert ops_mlu.self_test_roi_align(route(tv_roi), "cpu") == ""
+    assert ops_mlu.self_test_roi_align(route(tv_roi), cpu_roi_align, "cpu") == ""
     wrong_roi = {
         "aligned ignored": lambda x, r, size, s, ratio, al: tv_roi(x, r, size, s, ratio, False),
         "scale 1/8": lambda x, r, size, s, ratio, al: tv_roi(x, r, size, 0.125, ratio, al),
@@ -483,7 +491,7 @@ def test_self_test_passes_right_kernels_and_rejects_wrong_ones():
         "no gradient scaling": lambda x, r, size, s, ratio, al: ScaleGrad.apply(tv_roi(x, r, size, s, ratio, al)),
     }
     for name, kernel in wrong_roi.items():
-        assert ops_mlu.self_test_roi_align(route(kernel), "cpu") != "", name
+        assert ops_mlu.self_test_roi_align(route(kernel), cpu_roi_align, "cpu") != "", name
 
 
 class ScaleGrad(torch.autograd.Function):
@@ -498,7 +506,7 @@ class ScaleGrad(torch.autograd.Function):
         return 2 * g
 
 
-# ------------------------------------------------------------------------------------ building for the MLU
+# ---- building for the MLU
 def test_build_cache_key_changes_with_torch_mlu_and_cnnl(tmp_path, monkeypatch):
     from torch.utils import cpp_extension
     built = []

@@ -45,18 +45,23 @@ def _build_root():
 
 
 def _load_device():
-    """Build (once, cached) and load the PrivateUse1 device; lay out the emulated SDK beside it."""
+    """Build (once per machine, under launch.build_once's lock; cached) and load the PrivateUse1 device; lay out the
+    emulated SDK beside it."""
+    import launch  # the repository's, on PYTHONPATH beside this folder
     root = _build_root()
     so = os.path.join(root, "fake_torch_mlu_device.so")
-    if not os.path.isfile(os.path.join(root, "built.ok")):
+    done = os.path.join(root, "built.ok")
+
+    def build():
         from torch.utils import cpp_extension
-        os.makedirs(root, exist_ok=True)
         cpp_extension.load(name="fake_torch_mlu_device", sources=[os.path.join(HERE, "fake_torch_mlu.cpp")],
                            extra_cflags=["-O1"], build_directory=root, is_python_module=False,
                            verbose=os.environ.get("FRCNN_OPS_VERBOSE", "0") == "1")
         _lay_out_sdk(root)
-        with open(os.path.join(root, "built.ok"), "w") as f:
-            f.write("ok\n")
+        launch.atomic_write(done, lambda f: f.write("ok\n"), "w")
+        return "built"
+
+    launch.build_once(os.path.join(root, "build.lock"), lambda: "cached" if os.path.isfile(done) else None, build)
     torch.ops.load_library(so)
     _state["root"] = root
 
