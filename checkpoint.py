@@ -1,10 +1,10 @@
 """Weights in and out: upstream maskrcnn-benchmark checkpoints (.pth, maskrcnn_benchmark/utils/checkpoint.py),
 Detectron's ImageNet pickles (R-50.pkl, R-101.pkl; utils/c2_model_loading.py) and our own checkpoints.
 
-    load_weights(model, "R-101.pkl")              # Detectron ImageNet backbone; 312 tensors for R-101
-    load_weights(model, "e2e_faster_rcnn_R_101_FPN_1x.pth")   # upstream's or ours; a partial load is refused,
+    load_weights(net, "R-101.pkl")              # Detectron ImageNet backbone; 312 tensors for R-101
+    load_weights(net, "e2e_faster_rcnn_R_101_FPN_1x.pth")   # upstream's or ours; a partial load is refused,
                                                   # but another class count skips the predictor, saying so
-    save(path, model, cfg, optimizer=..., iteration=...)       # one dict, written atomically
+    save(path, net, cfg, optimizer=..., iteration=...)       # one dict, written atomically
     ckpt = load(path)                             # {"model", "config"?, "categories"?, ...}
 
 Loading never runs code from the file: torch.load(weights_only=True), and a restricted unpickler for pickles.
@@ -60,30 +60,30 @@ def _names(keys, limit=8):
     return ", ".join(keys[:limit]) + more
 
 
-def _describe(model):
+def _describe(net):
     """(blocks per ResNet stage, class count) of a model.FasterRCNN, for messages."""
-    body = model.backbone.body
+    body = net.backbone.body
     blocks = tuple(len(getattr(body, f"layer{i}")) for i in range(1, 5))
-    return blocks, model.roi_heads.box.predictor.cls_score.out_features
+    return blocks, net.roi_heads.box.predictor.cls_score.out_features
 
 
-def load_state(model, sd, source, skip_predictor=False, verbose=True):
-    """Load sd into model by exact name. Missing, unexpected and shape-mismatched keys are reported by name and
+def load_state(net, sd, source, skip_predictor=False, verbose=True):
+    """Load sd into net by exact name. Missing, unexpected and shape-mismatched keys are reported by name and
     refused, so the model never runs half-loaded. skip_predictor leaves cls_score and bbox_pred at their
     initialisation (fine-tuning with another class count) and says so."""
-    own = model.state_dict()
+    own = net.state_dict()
     if skip_predictor:
         skipped = sorted(k for k in own if k.startswith(PREDICTOR_KEYS))
         sd = {k: v for k, v in sd.items() if not k.startswith(PREDICTOR_KEYS)}
         if verbose:
             print(f"checkpoint: {source} has another class count: not loading its predictor "
-                  f"({', '.join(skipped)}), which keeps its initialisation for {_describe(model)[1]} classes")
+                  f"({', '.join(skipped)}), which keeps its initialisation for {_describe(net)[1]} classes")
     missing = [k for k in own if k not in sd and not (skip_predictor and k.startswith(PREDICTOR_KEYS))]
     unexpected = [k for k in sd if k not in own]
     mismatched = [f"{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})"
                   for k, v in sd.items() if k in own and v.shape != own[k].shape]
     if missing or unexpected or mismatched:
-        blocks, classes = _describe(model)
+        blocks, classes = _describe(net)
         lines = [f"{source} does not fit this model ({blocks} blocks, {classes} classes):"]
         if missing:
             lines.append(f"  missing {len(missing)}: {_names(missing)}")
@@ -101,7 +101,7 @@ def load_state(model, sd, source, skip_predictor=False, verbose=True):
     return len(sd)
 
 
-def load_weights(model, path, verbose=True):
+def load_weights(net, path, verbose=True):
     """Initial weights for training: a Detectron ImageNet pickle (.pkl), or a detector checkpoint (upstream's
     .pth, with or without "module.", or one of ours), whose class-dependent predictor is skipped, saying so,
     when its class count differs from the model's (fine-tuning). Everything else must fit exactly."""
@@ -109,22 +109,22 @@ def load_weights(model, path, verbose=True):
         raise CheckpointError(f"weights {path!r} not found. ImageNet backbones: {IMAGENET_URL}; the released "
                               f"detectors: {DETECTOR_URL}")
     if path.endswith(".pkl"):
-        return load_detectron_pickle(model, path, verbose)
+        return load_detectron_pickle(net, path, verbose)
     sd = model_state(load(path))
-    own = model.state_dict()
+    own = net.state_dict()
     skip = any(k.startswith(PREDICTOR_KEYS) and k in own and v.shape != own[k].shape for k, v in sd.items())
-    n = load_state(model, sd, repr(path), skip_predictor=skip, verbose=verbose)
+    n = load_state(net, sd, repr(path), skip_predictor=skip, verbose=verbose)
     if verbose:
         print(f"checkpoint: loaded {n} tensors from {path}")
     return n
 
 
-def save(path, model, cfg, **extra):
+def save(path, net, cfg, **extra):
     """One dict: the unwrapped model's state, the resolved config and whatever resuming needs (optimizer,
     iteration, ...). Written to a temporary file and renamed, so a crash never leaves a half-written file; a
     failed write (a full disk) removes the temporary file and raises a CheckpointError naming the file."""
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    ckpt = {"model": model.state_dict(), "config": config.to_dict(cfg), **extra}
+    net = getattr(net, "module", net)  # DistributedDataParallel
+    ckpt = {"model": net.state_dict(), "config": config.to_dict(cfg), **extra}
     _atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
@@ -151,11 +151,11 @@ def training_checkpoints(out_dir):
     return [os.path.join(out_dir, n) for n in sorted(names, key=lambda n: int(n[6:-4]), reverse=True)]
 
 
-def save_training(out_dir, iteration, model, optimizer, cfg, keep=3, **extra):
+def save_training(out_dir, iteration, net, optimizer, cfg, keep=3, **extra):
     """Write model_{iteration}.pth (model, config, optimizer, iteration, extra), point last_checkpoint at it (as
     upstream's Checkpointer does; --resume itself lists the folder) and delete all but the newest keep."""
     path = os.path.join(out_dir, f"model_{iteration:07d}.pth")
-    save(path, model, cfg, optimizer=optimizer.state_dict(), iteration=iteration, **extra)
+    save(path, net, cfg, optimizer=optimizer.state_dict(), iteration=iteration, **extra)
     _atomic_write(os.path.join(out_dir, "last_checkpoint"), lambda f: f.write(os.path.basename(path).encode()))
     for old in training_checkpoints(out_dir)[max(keep, 1):]:
         os.remove(old)
@@ -243,12 +243,12 @@ def rename_caffe2(name):
     return s.replace("rpn.", "rpn.head.")
 
 
-def load_detectron_pickle(model, path, verbose=True):
+def load_detectron_pickle(net, path, verbose=True):
     """Load Detectron ImageNet weights with upstream's renaming and suffix matching (for each model key the
     longest loaded name it ends with). Returns the number of model tensors loaded (312 for R-101); everything
     else (running stats, FPN, RPN, box head) keeps its initialisation, as upstream."""
     blobs = {rename_caffe2(k): v for k, v in read_pickle(path).items()}
-    own = model.state_dict()
+    own = net.state_dict()
     loaded, used = 0, set()
     with torch.no_grad():
         for key in sorted(own):

@@ -22,9 +22,8 @@ import signal
 import time
 
 # torch's OpenMP threads wait for each other at every op. libgomp's default spins first, and when another process
-# holds a core the spinning thread takes the time its peer needs: the demo on 2 cores beside one busy process ran
-# 1.2-1.8 s per iteration, 0.40 with sleeping waits (0.18 -> 0.24 idle; R-50-FPN unchanged). libgomp reads it
-# once, when torch loads, hence before `import torch`; a value in the environment wins.
+# holds a core the spinning thread takes the time its peer needs (README, "A busy CPU", has the figures). libgomp
+# reads it once, when torch loads, hence before `import torch`; a value in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402 (after OMP_WAIT_POLICY)
@@ -36,7 +35,7 @@ import data
 import evaluate
 import launch
 import logger
-import model as model_lib
+import model
 
 def get_lr(it, cfg):
     """Learning rate of weights at iteration it (0-based): upstream's WarmupMultiStepLR, linear warmup from
@@ -51,10 +50,10 @@ def get_lr(it, cfg):
     return lr * cfg.gamma ** sum(it >= round(s * scale) for s in cfg.steps)
 
 
-def make_optimizer(model, cfg):
+def make_optimizer(net, cfg):
     """SGD with upstream's parameter groups: biases at bias_lr_factor x lr and without weight decay."""
-    weights = [p for n, p in model.named_parameters() if p.requires_grad and "bias" not in n]
-    biases = [p for n, p in model.named_parameters() if p.requires_grad and "bias" in n]
+    weights = [p for n, p in net.named_parameters() if p.requires_grad and "bias" not in n]
+    biases = [p for n, p in net.named_parameters() if p.requires_grad and "bias" in n]
     groups = [dict(params=weights, lr_factor=1.0, weight_decay=cfg.weight_decay),
               dict(params=biases, lr_factor=cfg.bias_lr_factor, weight_decay=cfg.weight_decay_bias)]
     return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.base_lr, momentum=cfg.momentum)
@@ -74,17 +73,17 @@ def proposal_cap(cfg, world_size, verbose):
     return dataclasses.replace(cfg, fpn_post_nms_top_n_train=n)
 
 
-def init_weights(model, cfg, resume, rank):
+def init_weights(net, cfg, resume, rank):
     """(start iteration, checkpoint state or None): the newest checkpoint in output_dir with --resume, else
     cfg.weights; a config that freezes layers refuses to start from random weights."""
     path, state = checkpoint.latest_training(cfg.output_dir) if resume else (None, None)
     if path:
-        checkpoint.load_state(model, checkpoint.model_state(state), repr(path))
+        checkpoint.load_state(net, checkpoint.model_state(state), repr(path))
         return state["iteration"], state
     if resume and rank == 0:
         print(f"train: --resume found no checkpoint in {cfg.output_dir}: starting from iteration 0")
     if cfg.weights:
-        checkpoint.load_weights(model, cfg.weights, verbose=rank == 0)
+        checkpoint.load_weights(net, cfg.weights, verbose=rank == 0)
     elif cfg.freeze_at > 0 or cfg.norm == "frozen_bn":
         raise config.ConfigError(
             f"weights= is empty, but freeze_at={cfg.freeze_at} and norm={cfg.norm} would keep random layers frozen "
@@ -139,9 +138,9 @@ def train_step(ddp, optimizer, scaler, images, image_sizes, targets, it, cfg):
     return losses
 
 
-def save_checkpoint(it, model, optimizer, scaler, loader, cfg, rank):
+def save_checkpoint(it, net, optimizer, scaler, loader, cfg, rank):
     """Every rank's RNG state gathered, then rank 0 writes model_{it}.pth. Non-finite weights are never saved."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    bad = [n for n, p in net.named_parameters() if not torch.isfinite(p).all()]
     if bad:  # a step with a finite loss can still overflow the weights: never checkpoint those
         raise FloatingPointError(f"non-finite weights after iteration {it} ({', '.join(bad[:4])}"
                                  f"{' ...' if len(bad) > 4 else ''}); nothing saved: the newest checkpoint in "
@@ -149,7 +148,7 @@ def save_checkpoint(it, model, optimizer, scaler, loader, cfg, rank):
     rng = launch.gather_objects(torch.get_rng_state())
     if rank == 0:  # every rank's RNG state, so each resumes its own random stream
         extra = {"scaler": scaler.state_dict()} if scaler else {}
-        checkpoint.save_training(cfg.output_dir, it, model, optimizer, cfg, keep=cfg.keep_checkpoints,
+        checkpoint.save_training(cfg.output_dir, it, net, optimizer, cfg, keep=cfg.keep_checkpoints,
                                  sampler=loader.state(it), rng=rng, categories=data.categories(loader.dataset), **extra)
 
 
@@ -169,13 +168,13 @@ def main(argv=None):
     torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.output_dir, exist_ok=True)
     # ---- model, optimizer, resume or initial weights, data
-    model = model_lib.build_model(cfg).to(device)
-    optimizer = make_optimizer(model, cfg)
+    net = model.build_model(cfg).to(device)
+    optimizer = make_optimizer(net, cfg)
     scaler = None
     if cfg.amp == "fp16":  # torch.amp.GradScaler(device) is torch 2.3+; each device module's own before that
         scaler = (torch.amp.GradScaler(device.type) if hasattr(torch.amp, "GradScaler")
                   else getattr(torch, device.type).amp.GradScaler())
-    start_iter, state = init_weights(model, cfg, args.resume, rank)
+    start_iter, state = init_weights(net, cfg, args.resume, rank)
     if state:
         optimizer.load_state_dict(state["optimizer"])
         if scaler and "scaler" in state:
@@ -185,12 +184,12 @@ def main(argv=None):
     batches = iter(loader)  # creating the iterator draws from the global RNG: do it before restoring it
     if state:
         torch.set_rng_state(state["rng"][rank % len(state["rng"])])
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    ddp = torch.nn.parallel.DistributedDataParallel(net) if world_size > 1 else net
     log, stop = logger.TrainLog(cfg, rank, world_size, start_iter), Preemption()
     try:
         log.begin(device, resumed=state is not None)
         # ---- the loop
-        model.train()
+        net.train()
         end, data_time, iter_time, done = time.time(), 0.0, 0.0, start_iter
         skipped = 0  # unreadable images this rank's loader passed over (data.py warns once per file)
         for it, (images, image_sizes, targets, _) in zip(range(start_iter, cfg.max_iter), batches):
@@ -210,20 +209,20 @@ def main(argv=None):
                 data_time = iter_time = 0.0
             signum = stop.requested(device, world_size)
             if done % cfg.checkpoint_period == 0 or done == cfg.max_iter or signum:
-                save_checkpoint(done, model, optimizer, scaler, loader, cfg, rank)
+                save_checkpoint(done, net, optimizer, scaler, loader, cfg, rank)
             if signum:
                 if rank == 0:
                     print(f"train: {signal.Signals(signum).name} at iteration {done}: checkpoint written to "
                           f"{cfg.output_dir}; continue with --resume", flush=True)
                 raise SystemExit(128 + signum)
             if cfg.eval_period and done % cfg.eval_period == 0 and done != cfg.max_iter:
-                log.eval(done, evaluate.evaluate_coco(model, cfg, device, rank, world_size))
-                model.train()
+                log.eval(done, evaluate.evaluate_coco(net, cfg, device, rank, world_size))
+                net.train()
             end = time.time()  # an evaluation's time is not an iteration's
-        metrics = evaluate.evaluate_coco(model, cfg, device, rank, world_size)
+        metrics = evaluate.evaluate_coco(net, cfg, device, rank, world_size)
         log.eval(cfg.max_iter, metrics)
         if rank == 0:
-            checkpoint.save(os.path.join(cfg.output_dir, "model_final.pth"), model, cfg,
+            checkpoint.save(os.path.join(cfg.output_dir, "model_final.pth"), net, cfg,
                             categories=data.categories(loader.dataset))
             print(f"train: done; model_final.pth, log.txt, log.jsonl, loss_curves.png and the evaluation's results "
                   f"are in {cfg.output_dir}")
