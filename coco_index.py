@@ -4,15 +4,15 @@ filters, checked over all annotations at once): data.CocoDetection's storage.
     meta, arrays = coco_index(ann_file, train)   # built by the first process, memory-mapped by the others
     boxes, keep = legacy_boxes(xywh, width, height)
 
-Every rank parsing COCO train's json at once costs 1.5-3.5 GB each (the 448 MB file is mostly polygons), and
-per-image Python objects get copied into every loader worker as their reference counts are written. So the first
-process of a machine checks the json and writes flat arrays to an index file; the others wait on its lock and
-memory-map that file. Evaluation's metric still reads the json with pycocotools (evaluate.py).
+Every rank parsing COCO train's json (448 MB, mostly polygons) would cost each of them gigabytes, and per-image
+Python objects get copied into every loader worker as their reference counts are written (README, "Your own
+data", has the figures). So the first process of a machine checks the json and writes flat arrays to an index
+file, with a checksum; the others wait on its lock and memory-map that file. Evaluation's metric still reads the
+json with pycocotools (evaluate.py).
 """
 import collections
 import collections.abc
 import contextlib
-import fcntl
 import glob
 import hashlib
 import itertools
@@ -20,13 +20,13 @@ import json
 import math
 import mmap
 import os
-import socket
 import tempfile
 import time
 
 import numpy as np
 
 import config
+import launch
 
 
 class DataError(config.UserError, ValueError):
@@ -47,8 +47,9 @@ def legacy_boxes(xywh, width, height):
     return out, keep
 
 
-INDEX_VERSION = 1  # bump when the layout or the checks change: older index files are then rebuilt
+INDEX_VERSION = 2  # bump when the layout or the checks change: older index files are then rebuilt
 _MAGIC = b"FRCNNIDX"
+_HEAD = 36  # magic, header length (8 bytes), SHA-1 (20 bytes) of everything after these 36 bytes
 
 
 def cache_dirs():
@@ -62,115 +63,120 @@ def cache_dirs():
 
 def coco_index(ann, train):
     """(meta, arrays) of the json `ann` (see _build_index). The index file is named after the json's real path and
-    used only when it records the SHA-1 of the json's current bytes, so an edited json is never served stale. It
-    is written to a temporary file and renamed, so a process killed mid-write leaves no partial index; the folder's
-    exclusive lock (released by the kernel if its holder dies) makes the machine's other processes wait for the
-    first one's build and map its file instead of parsing too. Without a writable folder every process builds."""
-    sha1 = hashlib.sha1()
-    with open(ann, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            sha1.update(block)
+    used only when it records the SHA-1 of the json's current bytes, so an edited json is never served stale, and
+    when its own checksum holds, so a damaged file is rebuilt, never read. One process of the machine builds it
+    (launch.build_once: the others wait on the folder's lock, then map its file); without a writable folder every
+    process builds for itself."""
+    digest = _sha1_of_file(ann)
     name = hashlib.sha1(os.path.realpath(ann).encode()).hexdigest()[:20] + ".idx"
     for folder in cache_dirs():
         path = os.path.join(folder, name)
-        index = _read_index(path, sha1.hexdigest())
-        if index:
-            return index
-        try:
-            os.makedirs(folder, exist_ok=True)
-            lock = open(os.path.join(folder, "lock"), "a")  # one for the folder: no lock file per json to clean up
+
+        def build():
+            t0 = time.perf_counter()
+            meta, arrays = _build_index(ann, train)
+            written = _write_index(path, meta, arrays)
+            print(f"data: indexed {ann} in {time.perf_counter() - t0:.1f} s ({len(arrays['ids'])} images, "
+                  f"{len(arrays['labels'])} boxes)" + (f"; cached for this machine's processes in {path}"
+                                                       if written else ""), flush=True)
+            return written and _read_index(path, digest) or (meta, arrays)
+        try:  # one lock for the folder: no lock file per json to clean up
+            return launch.build_once(os.path.join(folder, "lock"), lambda: _read_index(path, digest), build)
         except OSError:
-            continue  # read-only or absent: the next folder
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            index = _read_index(path, sha1.hexdigest())  # built by the process we waited for
-            if index is None:
-                t0 = time.perf_counter()
-                index = _build_index(ann, train)
-                written = _write_index(path, *index)
-                print(f"data: indexed {ann} in {time.perf_counter() - t0:.1f} s ({len(index[1]['ids'])} images, "
-                      f"{len(index[1]['labels'])} boxes)" + (f"; cached for this machine's processes in {path}"
-                                                             if written else ""), flush=True)
-                index = written and _read_index(path, index[0]["digest"]) or index
-        return index
+            continue  # a folder that cannot be made or locked (read-only): the next one
     return _build_index(ann, train)
 
 
-def _read_header(f):
-    """(meta, offset of the arrays) of an open index file; ValueError if it is not one."""
-    head = f.read(16)
-    size = int.from_bytes(head[8:], "little")
-    if head[:8] != _MAGIC or size > os.fstat(f.fileno()).st_size:
-        raise ValueError(f"{f.name} is not an index file")
-    return json.loads(f.read(size)), -(-(16 + size) // 64) * 64
+def _sha1_of_file(ann):
+    sha1 = hashlib.sha1()
+    try:
+        with open(ann, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                sha1.update(block)
+    except OSError as e:
+        raise DataError(f"cannot read the annotation file {ann}: {e.strerror or e}") from None
+    return sha1.hexdigest()
 
 
 def _read_index(path, digest):
-    """(meta, read-only arrays mapped from the file) when path is a complete index of the json whose SHA-1 is
-    digest, else None (absent, another json's or version's, truncated, damaged)."""
+    """(meta, read-only arrays mapped from the file) when path is an intact index of the json whose SHA-1 is digest,
+    else None: absent, another json's or version's (silently), or damaged: truncated, not an index, or a checksum
+    that does not hold (said in one line; the caller rebuilds it)."""
     try:
         with open(path, "rb") as f:
-            meta, start = _read_header(f)
-            if (meta["version"], meta["digest"]) != (INDEX_VERSION, digest) or \
-                    os.fstat(f.fileno()).st_size != start + meta["data_bytes"]:
-                return None
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # pages shared by every process and worker
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):  # absent, or empty (mmap refuses 0 bytes)
+        if os.path.isfile(path):
+            print(f"data: warning: the index {path} is empty; rebuilding it", flush=True)
         return None
-    arrays = {k: np.frombuffer(buf, np.dtype(dtype), math.prod(shape), start + offset).reshape(shape)
-              for k, (dtype, shape, offset) in meta.pop("arrays").items()}
+    try:
+        size = int.from_bytes(buf[8:16], "little")
+        if buf[:8] != _MAGIC or _HEAD + size > len(buf):
+            raise ValueError("not an index file, or cut short")
+        meta = json.loads(buf[_HEAD:_HEAD + size])
+        if (meta["version"], meta["digest"]) != (INDEX_VERSION, digest):
+            return None  # an older version, or the json changed since: stale, not damaged
+        start = -(-(_HEAD + size) // 64) * 64
+        if len(buf) != start + meta["data_bytes"] or hashlib.sha1(memoryview(buf)[_HEAD:]).digest() != buf[16:36]:
+            raise ValueError("its checksum does not hold")
+        arrays = {k: np.frombuffer(buf, np.dtype(dtype), math.prod(shape), start + offset).reshape(shape)
+                  for k, (dtype, shape, offset) in meta.pop("arrays").items()}
+    except (ValueError, KeyError, TypeError) as e:  # json's errors are ValueErrors
+        print(f"data: warning: the index {path} is damaged ({e}); rebuilding it", flush=True)
+        return None
     return meta, arrays
 
 
 def _write_index(path, meta, arrays):
-    """The index file: magic, header length, json header, then each array at a 64-byte aligned offset, written to
-    a temporary file that is renamed into place after fsync. False, with a warning, if that fails (a full disk)."""
+    """The index file: magic, header length, SHA-1 of the rest, json header, then each array at a 64-byte aligned
+    offset, written to a temporary file renamed into place (launch.atomic_write). False, with a warning, if that
+    fails (a full disk). Index files whose json is gone are deleted first, so the folder does not grow for ever."""
     for name in glob.glob(glob.escape(path) + ".*.tmp"):  # left by a process killed while writing
         with contextlib.suppress(OSError):
             os.remove(name)
     for name in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), "*.idx")):
-        gone = False
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError), open(name, "rb") as f:
-            gone = not os.path.exists(_read_header(f)[0]["source"])
-        if gone:  # its json was deleted (a test's temp folder, a moved data set): the folder must not grow for ever
-            with contextlib.suppress(OSError):
-                os.remove(name)
+            head, size = f.read(_HEAD), os.fstat(f.fileno()).st_size
+            if head[:8] == _MAGIC and int.from_bytes(head[8:16], "little") <= size:
+                source = json.loads(f.read(int.from_bytes(head[8:16], "little")))["source"]
+                if not os.path.exists(source):  # a test's temp folder, a moved data set
+                    os.remove(name)
     table, size = {}, 0
     for k, a in arrays.items():
         table[k], size = [a.dtype.str, list(a.shape), size], size + -(-a.nbytes // 64) * 64
     header = json.dumps({**meta, "arrays": table, "data_bytes": size}).encode()
-    start = -(-(16 + len(header)) // 64) * 64
-    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+    start = -(-(_HEAD + len(header)) // 64) * 64
+    body = bytearray(start + size - _HEAD)
+    body[:len(header)] = header
+    for k, a in arrays.items():
+        at = start - _HEAD + table[k][2]
+        body[at:at + a.nbytes] = np.ascontiguousarray(a).tobytes()
+    head = _MAGIC + len(header).to_bytes(8, "little") + hashlib.sha1(body).digest()
     try:
-        with open(tmp, "wb") as f:
-            f.write(_MAGIC + len(header).to_bytes(8, "little") + header)
-            for k, a in arrays.items():
-                f.seek(start + table[k][2])
-                f.write(np.ascontiguousarray(a).tobytes())
-            f.truncate(start + size)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        launch.atomic_write(path, lambda f: f.write(head + body))
         return True
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
         print(f"data: warning: cannot write the index {path} ({e}); each process parses the json itself", flush=True)
         return False
 
 
 def _parse_json(ann):
     """(the json's object, SHA-1 of its bytes) without any 'segmentation', dropped as each object is parsed: COCO
-    train's polygons never exist at once (1.0 GB peak instead of pycocotools' 2.6 GB)."""
-    with open(ann, "rb") as f:
-        raw = f.read()
-    digest = hashlib.sha1(raw).hexdigest()
-    text = raw.decode(json.detect_encoding(raw), "surrogatepass")  # as json.loads(bytes) does
-    del raw
+    train's polygons never exist at once. UTF-8, with or without a byte-order mark; a file that is not UTF-8 json is
+    named with where it breaks."""
     try:
-        return json.loads(text, object_hook=_drop_segmentation), digest
-    except ValueError as e:  # pycocotools' json.load would fail alike
-        raise _index_error(ann, e) from None
+        with open(ann, "rb") as f:
+            raw = f.read()
+        return json.loads(raw.decode("utf-8-sig"), object_hook=_drop_segmentation), hashlib.sha1(raw).hexdigest()
+    except OSError as e:
+        raise DataError(f"cannot read the annotation file {ann}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{ann} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 8]!r}), which json "
+                        f"files must be: save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    except RecursionError:
+        raise DataError(f"{ann}: the json nests too deep to read") from None
+    except ValueError as e:  # json.JSONDecodeError: truncated, not json
+        raise DataError(f"{ann} is not valid json ({e}): a file cut short by a download or a copy?") from None
 
 
 def _drop_segmentation(obj):
@@ -178,155 +184,141 @@ def _drop_segmentation(obj):
     return obj
 
 
-def _index_error(ann, e):
-    return DataError(f"{ann}: pycocotools cannot index it ({type(e).__name__}: {e}): every image needs 'id', every "
-                      f"annotation 'id' and 'image_id'")
+def _records(ann, d, key, required):
+    """d[key] as a list of json objects; a missing key is an empty list unless required."""
+    records = d.get(key, None if required else [])
+    if not isinstance(records, list) or not all(type(r) is dict for r in records):
+        kind = "absent" if records is None else f"a {type(records).__name__}" if not isinstance(records, list) else \
+            f"a list holding {next(r for r in records if type(r) is not dict)!r}"
+        raise DataError(f"{ann}: '{key}' is {kind}; COCO's format lists its {key} as json objects "
+                        f"({{\"id\": ..., ...}})")
+    return records
 
 
-def _pycocotools_error(d):
-    """The exception pycocotools' COCO.createIndex (pycocotools/coco.py) raises first on the json d, replaying its
-    loops in their order; None if it would index d. Evaluation's metric needs that index."""
-    try:
-        anns, imgs, cats = {}, {}, {}
-        img_to_anns, cat_to_imgs = collections.defaultdict(list), collections.defaultdict(list)
-        if "annotations" in d:
-            for a in d["annotations"]:
-                img_to_anns[a["image_id"]].append(a)
-                anns[a["id"]] = a
-        if "images" in d:
-            for img in d["images"]:
-                imgs[img["id"]] = img
-        if "categories" in d:
-            for c in d["categories"]:
-                cats[c["id"]] = c
-        if "annotations" in d and "categories" in d:
-            for a in d["annotations"]:
-                cat_to_imgs[a["category_id"]].append(a["image_id"])
-    except Exception as e:  # noqa: BLE001 whatever it is, pycocotools would raise it
-        return e
-    return None
+def _is_scalar_id(v):
+    return type(v) is str or (type(v) is int and -2 ** 63 <= v < 2 ** 63)
 
 
-def _is_bbox(b):
-    return (isinstance(b, (list, tuple)) and len(b) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b))
+def _categories(ann, cats):
+    """(category ids in the file's order, names with "__background__" first): label = 1 + position (pycocotools'
+    getCatIds order). An id is an integer or a string, used consistently; it is written back as given."""
+    for k, c in enumerate(cats):
+        if not _is_scalar_id(c.get("id")) or type(c.get("name")) is not str:
+            raise DataError(f"{ann}: category #{k} {c!r} needs an 'id' (an integer or a string) and a 'name' (a "
+                            f"string)")
+    ids = [c["id"] for c in cats]
+    repeated = next((i for i, n in collections.Counter(ids).items() if n > 1), None)
+    if repeated is not None:
+        raise DataError(f"{ann}: category id {repeated!r} is listed {ids.count(repeated)} times in 'categories'")
+    return ids, ["__background__"] + [c["name"] for c in cats]
 
 
-def _categories(ann, d):
-    """(category ids, names with "__background__" first): pycocotools' getCatIds, the file's order, so label =
-    1 + position."""
-    if not isinstance(d.get("categories"), list) or not all(isinstance(c, dict) and "name" in c
-                                                            for c in d["categories"]):
-        raise DataError(f"{ann}: 'categories' must list every class as {{'id': ..., 'name': ...}}")
-    cat_ids = [c["id"] for c in d["categories"]]
-    cat_by_id = {c["id"]: c for c in d["categories"]}
-    return cat_ids, ["__background__"] + [cat_by_id[c]["name"] for c in cat_ids]
+def _images(ann, images):
+    """(ids sorted (N,) int64, width, height, file names in that order). Every entry needs a unique integer 'id',
+    a positive integer 'width' and 'height' and a 'file_name'; the first that lacks one is named."""
+    for k, img in enumerate(images):
+        bad = next((f for f in ("id", "width", "height", "file_name") if not (
+            type(img.get(f)) is str and img[f] if f == "file_name" else type(img.get(f)) is int and (
+                -2 ** 63 <= img[f] < 2 ** 63 if f == "id" else img[f] > 0))), None)
+        if bad:
+            what = "a 64-bit integer" if bad == "id" else "a file name" if bad == "file_name" else "a positive integer"
+            got = f"{bad} {img[bad]!r}" if bad in img else f"no '{bad}'"
+            raise DataError(f"{ann}: image #{k} of 'images' (id {img.get('id')!r}) has {got}; {what} is needed")
+    ids = np.array([img["id"] for img in images], dtype=np.int64)
+    order = np.argsort(ids, kind="stable")  # upstream sorts the image ids
+    ids = ids[order]
+    repeated = np.flatnonzero(ids[1:] == ids[:-1])
+    if len(repeated):
+        i = int(ids[repeated[0]])
+        files = [img["file_name"] for img in images if img["id"] == i]
+        raise DataError(f"{ann}: image id {i} is listed {len(files)} times in 'images' ({', '.join(files[:4])}); "
+                        f"each image needs its own id, or its boxes would land on another file")
+    infos = [images[k] for k in order.tolist()]
+    return ids, [img["width"] for img in infos], [img["height"] for img in infos], [img["file_name"] for img in infos]
 
 
-def _annotation_fields(anns, ann_cat, cat_id_to_label):
-    """Every annotation's fields in the file's order: (bbox as written, xywh (A, 4) float32 with zeros where bbox is
-    not 4 numbers, bad_bbox, bad_cat (a category_id not in 'categories'), labels (0 for those), has_area, has_crowd,
-    crowd), all but bbox arrays of length A."""
+def _annotation_fields(anns, cat_id_to_label):
+    """Every annotation's fields in the file's order, as arrays of length A: xywh (A, 4) float32 with zeros where
+    'bbox' is not 4 numbers, bad_bbox, bad_cat (a category_id not in 'categories'), labels (0 for those), has_area,
+    has_crowd, crowd. The common case runs in C loops."""
     bbox = [a.get("bbox") for a in anns]
     if set(map(type, bbox)) <= {list} and set(map(len, bbox)) <= {4} and \
-            set(map(type, itertools.chain.from_iterable(bbox))) <= {int, float}:  # the common case, in C loops
+            set(map(type, itertools.chain.from_iterable(bbox))) <= {int, float}:
         xywh = np.fromiter(itertools.chain.from_iterable(bbox), np.float32, 4 * len(bbox)).reshape(-1, 4)
         bad_bbox = np.zeros(len(anns), bool)
     else:
-        good = [_is_bbox(b) for b in bbox]
+        good = [isinstance(b, list) and len(b) == 4 and all(type(v) in (int, float) for v in b) for b in bbox]
         xywh = np.array([b if ok else (0, 0, 0, 0) for b, ok in zip(bbox, good)], np.float32).reshape(-1, 4)
         bad_bbox = ~np.array(good, bool).reshape(-1)
-    unknown = {c for c in set(ann_cat) if c not in cat_id_to_label}
-    bad_cat = np.fromiter((c in unknown for c in ann_cat), bool, len(anns)) if unknown else np.zeros(len(anns), bool)
-    labels = np.fromiter(map(cat_id_to_label.get, ann_cat, itertools.repeat(0)), np.int64, len(anns))
+    labels = np.fromiter((cat_id_to_label.get(a.get("category_id"), 0) if _is_scalar_id(a.get("category_id")) else 0
+                          for a in anns), np.int64, len(anns))
     has_area = np.fromiter(("area" in a for a in anns), bool, len(anns))
     has_crowd = np.fromiter(("iscrowd" in a for a in anns), bool, len(anns))
     crowd = np.fromiter((bool(a.get("iscrowd", 0)) for a in anns), bool, len(anns))
-    return bbox, xywh, bad_bbox, bad_cat, labels, has_area, has_crowd, crowd
+    return xywh, bad_bbox, labels == 0, labels, has_area, has_crowd, crowd
+
+
+def _annotation(ann, anns, j):
+    """How messages name annotation j."""
+    return f"{ann}: annotation {anns[j].get('id')!r} (#{j} of 'annotations', image {anns[j].get('image_id')!r})"
+
+
+def _first_bad_annotation(ann, anns, bad_bbox, bad_cat):
+    """The message naming the first annotation, in the file's order, whose bbox or category_id is unusable."""
+    j = int(np.flatnonzero(bad_bbox | bad_cat)[0])
+    a, where = anns[j], _annotation(ann, anns, j)
+    if bad_bbox[j]:
+        return DataError(f"{where}: 'bbox' must be 4 numbers [x, y, w, h], got {a.get('bbox')!r}")
+    return DataError(f"{where} has category_id {a.get('category_id')!r}, which 'categories' does not list")
 
 
 def _build_index(ann, train):
-    """The json checked and flattened, as (meta, arrays). Images sorted by id (upstream), the last entry of a
-    repeated id (pycocotools' imgs dict): "ids" (N,), "sizes" (N, 2) (w, h), file names as utf-8 in "name_buf" cut
-    at "name_off" (N+1,), and the boxes training and evaluation use (non-crowd, legacy xyxy clipped to the image,
-    positive area) in "boxes" (B, 4) float32 and "labels" (B,) int64, image i's at box_off[i]:box_off[i+1], each in
-    the json's order (pycocotools' imgToAnns). Every check runs over all annotations at once; what they refuse is
-    raised as the per-image pass would find it first: image i's width, height, file_name, then each of its
-    annotations' bbox, category_id and, for evaluation, area. Evaluation-only errors (no 'area', a repeated
-    annotation id) are kept in meta["eval_error"], so one index serves training and evaluation."""
+    """The json checked and flattened, as (meta, arrays). Images sorted by id (upstream): "ids" (N,), "sizes"
+    (N, 2) (w, h), file names as utf-8 in "name_buf" cut at "name_off" (N+1,), and the boxes training and evaluation
+    use (non-crowd, legacy xyxy clipped to the image, positive area) in "boxes" (B, 4) float32 and "labels" (B,)
+    int64, image i's at box_off[i]:box_off[i+1], each in the json's order (pycocotools' imgToAnns). The first
+    record that cannot be used (images first, then annotations, each in the file's order) stops the build, named;
+    what only evaluation needs ('area', unique annotation ids) is kept in meta["eval_error"], so one index serves
+    training and evaluation."""
     d, digest = _parse_json(ann)
     if not isinstance(d, dict):
         raise DataError(f"{ann}: holds a json {type(d).__name__}, not COCO's object of images and annotations")
-    anns, images = d["annotations"] if "annotations" in d else [], d["images"] if "images" in d else []
-    try:  # what pycocotools indexes by must be there and hashable
-        ann_img, ann_ids = [a["image_id"] for a in anns], [a["id"] for a in anns]
-        img_ids = [img["id"] for img in images]
-        ann_cat = [a["category_id"] for a in anns] if "categories" in d else []
-        uses = collections.Counter(ann_ids)
-        set(ann_img), set(img_ids), set(ann_cat), {c["id"] for c in d.get("categories") or []}
-    except (KeyError, TypeError, AttributeError) as e:
-        raise _index_error(ann, _pycocotools_error(d) or e) from None
-    cat_ids, names = _categories(ann, d)
-    cat_id_to_label = {c: i + 1 for i, c in enumerate(cat_ids)}
-    odd = next((i for i in img_ids if type(i) is not int), None) if set(map(type, img_ids)) - {int} else None
-    if odd is not None or (img_ids and not -2 ** 63 <= min(img_ids) <= max(img_ids) < 2 ** 63):
-        raise DataError(f"{ann}: image id {odd if odd is not None else max(img_ids, key=abs)!r} is not a 64-bit "
-                         f"integer, which COCO's image ids are")
-    ids = np.array(img_ids, dtype=np.int64)
-    ids, last = np.unique(ids[::-1], return_index=True)  # sorted; the last entry of a repeated id
-    infos = [images[k] for k in (len(img_ids) - 1 - last).tolist()]
-    n = len(infos)
-    width, height = [img.get("width") for img in infos], [img.get("height") for img in infos]
-    files = [img.get("file_name") for img in infos]
-    bad_img = np.stack([np.fromiter((not (type(v) is int and v > 0) for v in vs), bool, n) for vs in (width, height)]
-                       + [np.fromiter((not (type(f) is str and f) for f in files), bool, n)], 1).reshape(n, 3)
-    k_img = int(np.flatnonzero(bad_img.any(1))[0]) if bad_img.any() else n  # the first image with a bad field
-    # annotations of listed images, grouped by image in the file's order (pycocotools' imgToAnns); others unused.
-    # Fields are read in the file's order, sequential in memory (in image order it is random access, 8x slower).
-    rank_of = dict(zip(ids.tolist(), range(n)))
-    rank = np.fromiter(map(rank_of.get, ann_img, itertools.repeat(-1)), np.int64, len(anns))
+    images, anns = _records(ann, d, "images", True), _records(ann, d, "annotations", False)
+    cat_ids, names = _categories(ann, _records(ann, d, "categories", True))
+    ids, width, height, files = _images(ann, images)
+    no_key = next((j for j, a in enumerate(anns) if not (_is_scalar_id(a.get("id")) and "image_id" in a)), None)
+    if no_key is not None:
+        raise DataError(f"{ann}: annotation #{no_key} of 'annotations' ({anns[no_key]!r:.120}) needs an 'id' (an "
+                        f"integer or a string) and an 'image_id'")
+    # annotations grouped by image in the file's order (pycocotools' imgToAnns); those of unlisted images unused
+    rank_of = dict(zip(ids.tolist(), range(len(ids))))
+    rank = np.fromiter((rank_of.get(a["image_id"], -1) if type(a["image_id"]) is int else -1 for a in anns),
+                       np.int64, len(anns))
+    xywh, bad_bbox, bad_cat, labels, has_area, has_crowd, crowd = _annotation_fields(
+        anns, {c: i + 1 for i, c in enumerate(cat_ids)})
+    if (bad_bbox | bad_cat).any():
+        raise _first_bad_annotation(ann, anns, bad_bbox, bad_cat)
+    uses = collections.Counter(a["id"] for a in anns)
+    repeated = [i for i, n in uses.items() if n > 1]
+    eval_error = ""
+    if repeated:  # pycocotools' anns dict keeps the last: COCOeval would lose boxes
+        eval_error = (f": annotation id {repeated[0]!r} is used {uses[repeated[0]]} times (images "
+                      f"{sorted({a['image_id'] for a in anns if a['id'] == repeated[0]}, key=repr)}); evaluation "
+                      f"needs unique annotation ids")
+    elif not has_area.all():  # COCOeval reads it for its small/medium/large ranges
+        eval_error = (_annotation("", anns, int(np.flatnonzero(~has_area)[0])) + " has no 'area', which COCOeval "
+                      "needs: add it (w * h of the box will do)")
     order = np.argsort(rank, kind="stable")
     order = order[rank[order] >= 0]
-    bbox, *fields = _annotation_fields(anns, ann_cat, cat_id_to_label)
-    rank, xywh, bad_bbox, bad_cat, labels, has_area, has_crowd, crowd = (x[order] for x in (rank, *fields))
-    m = len(order)
-
-    def where(j):
-        return f": annotation {anns[order[j]].get('id')!r} of image {ids[rank[j]]}"
-
-    def first_error(checks):  # [(bad mask, message of annotation j)] in the per-annotation order
-        bad = np.zeros(m, bool)
-        for mask, _ in checks:
-            bad |= mask
-        j = int(np.flatnonzero(bad)[0]) if bad.any() else m
-        if k_img < n and (j == m or k_img <= rank[j]):  # an image's fields are checked before its annotations
-            field, value = [("width", width), ("height", height), ("file_name", files)][bad_img[k_img].argmax()]
-            if field != "file_name":
-                return f": image {ids[k_img]} has {field} {value[k_img]!r}; a positive integer is needed"
-            return f": image {ids[k_img]} has " + ("no 'file_name'" if not files[k_img] else
-                                                  f"file_name {files[k_img]!r}; a string is needed")
-        return next((message(j) for mask, message in checks if j < m and mask[j]), None)
-    checks = [(bad_bbox, lambda j: f"{where(j)}: 'bbox' must be 4 numbers [x, y, w, h], got {bbox[order[j]]!r}"),
-              (bad_cat, lambda j: f"{where(j)} has category_id {ann_cat[order[j]]!r}, which is not in "
-                                  f"'categories'")]
-    no_area = (~has_area, lambda j: f"{where(j)} has no 'area', which COCOeval needs: add it (w * h of the box "
-                                    f"will do)")  # COCOeval reads it for its small/medium/large ranges
-    dup = next((i for i, k in uses.items() if k > 1), None)
-    eval_error = first_error(checks + [no_area])
-    if dup is not None:  # pycocotools' anns dict keeps the last: COCOeval would lose boxes
-        images_of = sorted({a.get("image_id") for a in d["annotations"] if a.get("id") == dup})
-        eval_error = (f": annotation id {dup!r} is used {uses[dup]} times (images {images_of}); evaluation needs "
-                      f"unique annotation ids")
-    train_error = first_error(checks)
-    if train_error:
-        raise DataError(ann + (train_error if train else eval_error))
-    arrays, dropped = _flat_arrays(ids, width, height, files, rank, xywh, crowd, labels)
-    counts = [["without 'iscrowd' (taken as 0)", int((~has_crowd).sum())],
-              ["without 'area' (not used in training)", int((~has_area).sum())],
-              ["boxes dropped without positive area inside the image (degenerate, outside, NaN/inf)", dropped]]
+    arrays, dropped = _flat_arrays(ids, width, height, files, *(x[order] for x in (rank, xywh, crowd, labels)))
+    counts = [["without 'iscrowd' (taken as 0)", int((~has_crowd[order]).sum())],
+              ["without 'area' (not used in training)", int((~has_area[order]).sum())],
+              ["boxes dropped without positive area inside the image (degenerate, outside, NaN/inf)", dropped],
+              ["annotations of image ids that 'images' does not list (unused)", int((rank < 0).sum())]]
+    plain = (not len(ids) or ids[0] >= 0) and all(type(i) is int and i >= 0 for i in itertools.chain(cat_ids, uses))
     meta = {"version": INDEX_VERSION, "source": os.path.realpath(ann), "digest": digest, "cat_ids": cat_ids,
-            "names": names, "annotations": len(d.get("annotations") or []), "counts": counts, "eval_error": eval_error,
-            "repeated_ids": sum(k > 1 for k in uses.values()) if dup is not None else 0}
+            "names": names, "annotations": len(anns), "counts": counts, "eval_error": eval_error,
+            "repeated_ids": len(repeated), "plain_ids": plain}  # plain: every id a non-negative integer (hotcoco's)
     return meta, arrays
 
 
@@ -346,6 +338,7 @@ def _flat_arrays(ids, width, height, files, rank, xywh, crowd, labels):
               "box_off": box_off, "boxes": np.ascontiguousarray(boxes[keep]), "labels": labels[~crowd][keep]}
     return arrays, int((~keep).sum())
 
+
 def _copy(values):
     return np.array(values)
 
@@ -358,7 +351,7 @@ def _file_name(values):
     return values.tobytes().decode("utf-8", "surrogatepass")
 
 
-class _Cut(collections.abc.Sequence):
+class _SlicedArray(collections.abc.Sequence):
     """Item i of a flat array cut at offsets: convert(values[start[i]:end[i]]). It holds no per-item Python object,
     so forked loader workers have no reference count to write and copy nothing of it."""
 
@@ -376,5 +369,5 @@ def per_image(arrays, rows):
     """(boxes, labels, sizes, files) of the images at rows: sequences over the flat arrays whose item i is image
     rows[i]'s (G, 4) float32 boxes and (G,) labels (writable copies), its (w, h) and its file name."""
     a, lo, hi = arrays, arrays["box_off"][rows], arrays["box_off"][rows + 1]
-    return (_Cut(a["boxes"], lo, hi, _copy), _Cut(a["labels"], lo, hi, _copy), _Cut(a["sizes"], rows, rows + 1, _size),
-            _Cut(a["name_buf"], a["name_off"][rows], a["name_off"][rows + 1], _file_name))
+    return (_SlicedArray(a["boxes"], lo, hi, _copy), _SlicedArray(a["labels"], lo, hi, _copy), _SlicedArray(a["sizes"], rows, rows + 1, _size),
+            _SlicedArray(a["name_buf"], a["name_off"][rows], a["name_off"][rows + 1], _file_name))

@@ -141,6 +141,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DataError(ann + meta["eval_error"])
         self.root, self.split, self.cfg, self.train, self.ann_file = root, split, cfg, train, ann
         self.cat_ids, self.names = meta["cat_ids"], meta["names"]
+        self.plain_ids = meta["plain_ids"]  # every id a non-negative integer: what hotcoco can read (evaluate.py)
         self.cat_id_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.label_to_cat_id = {i + 1: c for i, c in enumerate(self.cat_ids)}
         count = dict(meta["counts"])

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -31,6 +32,10 @@ def per_image_reference(ann, train):
         raise ValueError(f"{ann}: pycocotools cannot index it ({type(e).__name__}: {e}): every image needs "
                          f"'id', every annotation 'id' and 'image_id'") from e
     cat_ids = coco.getCatIds()
+    listed = collections.Counter(img["id"] for img in coco.dataset.get("images") or [])
+    repeated = next((i for i, n in listed.items() if n > 1), None)
+    if repeated is not None:  # pycocotools keeps the last entry; we refuse
+        raise ValueError(f"{ann}: image id {repeated} is listed {listed[repeated]} times in 'images'")
     names = ["__background__"] + [coco.cats[c]["name"] for c in cat_ids]
     cat_id_to_label = {c: i + 1 for i, c in enumerate(cat_ids)}
     all_anns = coco.dataset.get("annotations") or []
@@ -76,8 +81,14 @@ def per_image_reference(ann, train):
         labels.append(lab[keep])
         sizes.append((info["width"], info["height"]))
         files.append(info["file_name"])
+    count["annotations of image ids that 'images' does not list (unused)"] = sum(
+        a.get("image_id") not in coco.imgs for a in all_anns)
     if dup is not None:
         count["annotation ids used more than once (all kept)"] = sum(n > 1 for n in uses.values())
+    first = ["without 'iscrowd' (taken as 0)", "without 'area' (not used in training)",
+             "boxes dropped without positive area inside the image (degenerate, outside, NaN/inf)",
+             "annotations of image ids that 'images' does not list (unused)"]  # the order data.py prints them in
+    count = {k: count[k] for k in first + [k for k in count if k not in first]}
     notes = [f"data: {os.path.basename(ann)[10:-5]}: {n} {what}" for what, n in count.items() if n]
     if train and not ids:
         raise ValueError(f"{ann}: no image has a usable box ({len(all_anns)} annotations): nothing to train on")
@@ -91,11 +102,11 @@ def assert_same_as_reference(root, split, train):
     cfg = config.get("demo", [f"data_root={root}"], verbose=False)
     try:
         ids, boxes, labels, sizes, files, cat_ids, names, notes = per_image_reference(ann, train)
-    except ValueError as e:
-        with pytest.raises(ValueError) as got:
+    except ValueError as e:  # the same data refused; which bad record it names first may differ
+        with pytest.raises(coco_index.DataError) as got:
             data.CocoDetection(root, split, cfg, train)
-        assert str(got.value) == str(e)
-        return str(e)
+        assert str(got.value).startswith(ann) and ("'images'" in str(e)) <= ("'images'" in str(got.value)), (e, got)
+        return str(got.value)
     ds = data.CocoDetection(root, split, cfg, train)
     assert ds.ids == ids and json.loads(json.dumps(ds.ids)) == ids  # Python ints: evaluate.py writes them to json
     assert (ds.cat_ids, ds.names, ds.notes) == (cat_ids, names, notes)
@@ -126,7 +137,7 @@ def test_index_matches_per_image_construction_on_coco_sets(index_cache, coco_set
 
 
 def generated_json(rng, num_images=300, evaluable=False):
-    """A json with everything the per-image pass handles: sparse unsorted ids, a repeated image entry, int and float
+    """A json with everything the per-image pass handles: sparse unsorted ids, int and float
     boxes, crowd, degenerate, outside and NaN boxes, annotations of unlisted images, categories out of order with
     gaps, missing iscrowd, images without annotations; unless evaluable, missing area and a repeated annotation id
     (which evaluation refuses)."""
@@ -134,7 +145,6 @@ def generated_json(rng, num_images=300, evaluable=False):
     ids = rng.choice(10 ** 6, num_images, replace=False).tolist()
     images = [{"id": i, "file_name": f"{i:012d}.png", "width": int(rng.integers(20, 90)),
                "height": int(rng.integers(20, 90))} for i in ids]
-    images.append(dict(images[3], width=77, height=11))  # a repeated id: pycocotools keeps the last entry
     anns = []
     for k in range(num_images * 5):
         img = images[int(rng.integers(len(images)))]
@@ -193,22 +203,27 @@ FAULTS = [  # (where, key, value): value None deletes the key
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_index_raises_what_the_per_image_pass_raises(tmp_path, index_cache, seed):
+def test_index_refuses_what_the_per_image_pass_refuses_naming_a_bad_record(tmp_path, index_cache, seed):
     rng = np.random.default_rng(seed)
     content = generated_json(rng, num_images=12, evaluable=True)
+    names = []  # how a message may name each damaged record
     for k in rng.choice(len(FAULTS), int(rng.integers(1, 4)), replace=False).tolist():
         where, key, value = FAULTS[k]
-        items = content["annotations"] if where == "ann" else content["images"]
-        item = items[int(rng.integers(len(items)))]
+        section = "annotations" if where == "ann" else "images"
+        j = int(rng.integers(len(content[section])))
+        item = content[section][j]
         if value is None:
             item.pop(key, None)
         elif value == "dup":
             item["id"] = content["annotations"][0]["id"]
         else:
             item[key] = value
+        names += [f"#{j} of '{section}'", f"annotation id {item.get('id')!r} is used"]
     write_json(tmp_path, content)
     for train in (True, False):
-        assert_same_as_reference(str(tmp_path), "s", train)
+        message = assert_same_as_reference(str(tmp_path), "s", train)
+        if isinstance(message, str):
+            assert any(name in message for name in names), (message, names)
 
 
 def test_edited_json_is_never_served_stale(tmp_path, index_cache):
@@ -347,3 +362,66 @@ def test_per_image_data_holds_no_python_object_per_image(tmp_path, index_cache):
         write_json(tmp_path / str(n), generated_json(np.random.default_rng(8), n, evaluable=True))
         counts.append([python_objects(dataset(str(tmp_path / str(n)), train)) for train in (True, False)])
     assert counts[0] == counts[1], counts
+
+
+def test_index_zeroed_after_its_header_is_caught_and_rebuilt(tmp_path, index_cache, capsys):
+    # as a bad disk or an interrupted copy leaves it: same size, same mtime, a valid header, zeros after it
+    write_json(tmp_path, generated_json(np.random.default_rng(9), 60), files=False)
+    ref = dataset(str(tmp_path), True)
+    ref_boxes = [b.copy() for b in ref.boxes]  # the writes below change the mapped file in place
+    (index,) = index_cache.glob("*.idx")
+    whole, stat = index.read_bytes(), index.stat()
+    size = int.from_bytes(whole[8:16], "little")
+    last = len(whole.rstrip(b"\0")) - 1  # the last byte that is not already 0
+    for start in (coco_index._HEAD + size, last):  # everything after the header; the last data byte only
+        index.write_bytes(whole[:start] + bytes(len(whole) - start))
+        os.utime(index, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        capsys.readouterr()
+        ds = dataset(str(tmp_path), True)
+        out = capsys.readouterr().out
+        assert "is damaged (its checksum does not hold); rebuilding it" in out and "data: indexed" in out, out
+        assert index.read_bytes() == whole and ds.ids == ref.ids
+        assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(ds.boxes, ref_boxes))
+
+
+def test_json_that_is_not_utf8_is_named(tmp_path, index_cache):
+    path = write_json(tmp_path, {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}],
+                                 "annotations": [ann(1, 1, [2, 3, 10, 8])],
+                                 "categories": [{"id": 1, "name": "caf\u00e9"}]})
+    with open(path, "rb") as f:
+        text = f.read().decode("ascii")  # json.dump wrote the name as \\u00e9
+    with open(path, "wb") as f:
+        f.write(text.replace("caf\\u00e9", "caf\u00e9").encode("latin-1"))  # as an editor saving in Latin-1 does
+    with pytest.raises(coco_index.DataError, match=rf"{re.escape(path)} is not UTF-8 text \(byte \d+: b'\\xe9"):
+        dataset(str(tmp_path), True)
+    with open(path, "wb") as f:  # with a byte-order mark, as Windows tools write UTF-8: read
+        f.write(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert dataset(str(tmp_path), True).names == ["__background__", "caf\u00e9"]
+
+
+def test_repeated_image_id_is_named(tmp_path, index_cache):
+    write_json(tmp_path, {"images": [{"id": 7, "file_name": "a.png", "width": 40, "height": 30},
+                                     {"id": 7, "file_name": "b.png", "width": 40, "height": 30}],
+                          "annotations": [ann(1, 7, [2, 3, 10, 8])], "categories": [{"id": 1, "name": "a"}]})
+    for train in (True, False):
+        with pytest.raises(coco_index.DataError, match=r"image id 7 is listed 2 times in 'images' \(a\.png, b\.png\)"):
+            dataset(str(tmp_path), train)
+
+
+def test_string_category_ids_map_to_labels_and_back(tmp_path, index_cache):
+    cats = [{"id": "cat-b", "name": "b"}, {"id": "cat-a", "name": "a"}, {"id": 3, "name": "c"}]
+    write_json(tmp_path, {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}],
+                          "annotations": [ann(1, 1, [2, 3, 10, 8], cat="cat-a"), ann(2, 1, [5, 5, 9, 9], cat=3)],
+                          "categories": cats})
+    ds = dataset(str(tmp_path), True)
+    assert ds.cat_ids == ["cat-b", "cat-a", 3] and ds.labels[0].tolist() == [2, 3]  # label = 1 + position
+    assert ds.label_to_cat_id == {1: "cat-b", 2: "cat-a", 3: 3} and not ds.plain_ids  # hotcoco cannot read them
+    write_json(tmp_path, {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}],
+                          "annotations": [ann(1, 1, [2, 3, 10, 8], cat="cat-c")], "categories": cats})
+    with pytest.raises(coco_index.DataError, match=r"annotation 1 \(#0 of 'annotations', image 1\) has category_id "
+                                                   r"'cat-c', which 'categories' does not list"):
+        dataset(str(tmp_path), True)
+    for bad in ([{"id": 1.5, "name": "a"}], [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}], [{"id": 1}]):
+        write_json(tmp_path, {"images": [], "annotations": [], "categories": bad})
+        with pytest.raises(coco_index.DataError, match=r"categor"):
+            dataset(str(tmp_path), False)

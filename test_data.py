@@ -455,7 +455,7 @@ def test_missing_iscrowd_and_area(tmp_path):
     ds = dataset(root, True)
     assert len(ds.boxes[0]) == 2  # missing iscrowd is not crowd (COCOeval reads it the same way)
     assert any("1 without 'iscrowd'" in n for n in ds.notes) and any("1 without 'area'" in n for n in ds.notes)
-    with pytest.raises(ValueError, match=r"annotation 2 of image 1 has no 'area'"):
+    with pytest.raises(ValueError, match=r"annotation 2 \(#1 of 'annotations', image 1\) has no 'area'"):
         dataset(root, False)  # COCOeval would KeyError on it after the whole inference
     root2 = write_split(tmp_path / "b", [(1, "1.png", noisy())], [a1])
     assert dataset(root2, False)[0][1]["boxes"].shape == (1, 4)
@@ -472,16 +472,16 @@ def test_duplicate_annotation_ids(tmp_path):
 
 
 def test_unknown_category_and_bad_bbox_name_annotation_and_image(tmp_path):
-    cases = [(ann(5, 1, [1, 1, 9, 9], cat=99), r"annotation 5 of image 1 has category_id 99"),
-             (ann(5, 1, [1, 1, 9, 9], cat=None), r"annotation 5 of image 1 has category_id None"),
-             (ann(6, 1, [1, 2, 3]), r"annotation 6 of image 1: 'bbox' must be 4 numbers"),
-             (ann(6, 1, "1 2 3 4"), r"annotation 6 of image 1: 'bbox'"),
-             (ann(6, 1, [1, 2, 3, None]), r"annotation 6 of image 1: 'bbox'"),
-             (ann(6, 1, [1, 2, 3, 4, 5]), r"annotation 6 of image 1: 'bbox'"),
-             (ann(6, 1, [1, 2], iscrowd=1), r"annotation 6 of image 1: 'bbox'")]
+    cases = [(ann(5, 1, [1, 1, 9, 9], cat=99), r"annotation 5 \(#1 of 'annotations', image 1\) has category_id 99"),
+             (ann(5, 1, [1, 1, 9, 9], cat=None), r"annotation 5 \(#1 of 'annotations', image 1\) has category_id None"),
+             (ann(6, 1, [1, 2, 3]), r"annotation 6 \(#1 of 'annotations', image 1\): 'bbox' must be 4 numbers"),
+             (ann(6, 1, "1 2 3 4"), r"annotation 6 \(#1 of 'annotations', image 1\): 'bbox'"),
+             (ann(6, 1, [1, 2, 3, None]), r"annotation 6 \(#1 of 'annotations', image 1\): 'bbox'"),
+             (ann(6, 1, [1, 2, 3, 4, 5]), r"annotation 6 \(#1 of 'annotations', image 1\): 'bbox'"),
+             (ann(6, 1, [1, 2], iscrowd=1), r"annotation 6 \(#1 of 'annotations', image 1\): 'bbox'")]
     nobox = ann(6, 1, None)
     del nobox["bbox"]
-    cases.append((nobox, r"annotation 6 of image 1: 'bbox' must be 4 numbers \[x, y, w, h\], got None"))
+    cases.append((nobox, r"annotation 6 \(#1 of 'annotations', image 1\): 'bbox' must be 4 numbers \[x, y, w, h\], got None"))
     for k, (a, message) in enumerate(cases):
         root = write_split(tmp_path / str(k), [(1, "1.png", noisy())], [ann(1, 1, [1, 1, 9, 9]), a])
         for train in (True, False):
@@ -520,13 +520,15 @@ def test_missing_image_fields_and_unindexable_json(tmp_path):
         with open(path, "w") as f:
             json.dump(bad, f)
         for train in (True, False):
-            with pytest.raises(ValueError, match=rf"image 2 has {field} {re.escape(repr(value))}"):
+            got = f"no '{field}'" if value is None else f"{field} {re.escape(repr(value))}"
+            with pytest.raises(ValueError, match=rf"image #1 of 'images' \(id 2\) has {got}; a positive integer"):
                 dataset(root, train)
     bad = json.loads(json.dumps(good))
     del bad["annotations"][0]["image_id"]
     with open(path, "w") as f:
         json.dump(bad, f)
-    with pytest.raises(ValueError, match=r"instances_s\.json: pycocotools cannot index it \(KeyError: 'image_id'\)"):
+    with pytest.raises(ValueError, match=r"instances_s\.json: annotation #0 of 'annotations' .* needs an 'id' \(an "
+                       r"integer or a string\) and an 'image_id'"):
         dataset(root, True)
 
 
