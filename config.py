@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 from dataclasses import dataclass
 
@@ -207,6 +208,11 @@ def _pairs(overrides):
     return pairs
 
 
+def keys(overrides):
+    """The config fields that command-line overrides set."""
+    return {key for key, _ in _pairs(overrides)}
+
+
 def get(preset="R-101-FPN", overrides=(), verbose=True):
     """The preset's Config with command-line overrides applied (and printed when verbose)."""
     if isinstance(preset, Config):
@@ -266,6 +272,10 @@ def validate(cfg):
         if (value.split(":")[0] if name == "device" else value) not in choices:
             raise ConfigError(f"config field {name!r} is {value!r}; choose one of "
                               + ", ".join(repr(c) for c in choices))
+    for f in dataclasses.fields(cfg):  # nan and inf pass every comparison below, or fail it in silence
+        value = getattr(cfg, f.name)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+            raise ConfigError(f"config field {f.name!r} is {value!r}; it must be a finite number")
     for name, (low, high, what) in RANGES.items():
         value = getattr(cfg, name)
         for v in value if isinstance(value, tuple) else (value,):

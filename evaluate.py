@@ -4,20 +4,23 @@
     python evaluate.py --ckpt e2e_faster_rcnn_R_101_FPN_1x.pth --config R-101-FPN data_root=datasets/coco \
         test_ims_per_batch=32 device=mlu
     torchrun --nproc_per_node 8 evaluate.py --ckpt output/r101/model_final.pth
-    # detections on image files (a file, a folder or a glob), drawn into vis/
+    # detections on image files (files, folders or globs), drawn into vis/
     python evaluate.py --ckpt e2e_faster_rcnn_R_101_FPN_1x.pth --images photos/ --output dets.json --vis vis/
+    python evaluate.py --ckpt output/demo/model_final.pth --images photos/raccoon-19*.jpg --vis vis/
 
 Every config field is an override, as in train.py (key=value or --key value: device=cpu, score_thresh=0.5,
 val_split=val2017, output_dir=...). The order is: the checkpoint, then its config (ours carry theirs; upstream's
 take the --config preset, R-101-FPN by default) with the overrides, then the device, then the model.
 
-A COCO split writes coco_results_{split}.json and metrics_{split}.json to output_dir and prints the COCO table.
+A COCO split writes coco_results_{split}.json and metrics_{split}.json to output_dir/eval_{checkpoint name}/ (beside
+a training's own results, never over them; output_dir= names the folder itself) and prints the COCO table.
 --images writes a JSON list, one record per detection: {"file_name", "bbox": [x, y, w, h] in the original image's
 pixels with upstream's +1 width (w = x2 - x1 + 1), "score", "category_id"}, one image per forward unless
 test_ims_per_batch is given: that reproduces upstream exactly (batching changes the padding, maskrcnn-benchmark
 issue 633).
 """
 import colorsys
+import dataclasses
 import glob
 import json
 import os
@@ -200,20 +203,25 @@ def evaluate_coco(net, cfg, device, rank=0, world_size=1):
     return metrics
 
 
-def image_paths(spec):
-    """(sorted image paths, the folder their file_name is relative to) of a file, a folder or a glob."""
-    if os.path.isdir(spec):
-        paths = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTS))
-        base = spec
-    elif os.path.isfile(spec):
-        paths, base = [spec], os.path.dirname(spec)
-    else:
-        paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-        base = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+def image_paths(specs):
+    """(sorted image paths, the folder their file_name is relative to) of files, folders and globs: what --images
+    takes, quoted or expanded by the shell."""
+    paths = []
+    for spec in specs:
+        if os.path.isdir(spec):
+            paths += [os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTS)]
+        elif os.path.isfile(spec):
+            paths.append(spec)
+        else:
+            found = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
+            if not found:
+                raise config.UserError(f"--images {spec!r} names no image file (a file, a folder holding "
+                                       f"{', '.join(IMAGE_EXTS)} files, or a glob)")
+            paths += found
+    paths = sorted(set(os.path.normpath(p) for p in paths))
     if not paths:
-        raise config.UserError(f"--images {spec!r} names no image file (a file, a folder holding "
-                               f"{', '.join(IMAGE_EXTS)} files, or a glob)")
-    return paths, base
+        raise config.UserError(f"--images {' '.join(specs)} holds no {', '.join(IMAGE_EXTS)} file")
+    return paths, os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
 
 
 def run_images(args, net, cfg, device, categories, rank, world_size):
@@ -239,20 +247,29 @@ def run_images(args, net, cfg, device, categories, rank, world_size):
             draw(paths[i], dets[i], names, os.path.join(args.vis, os.path.splitext(rel)[0] + ".jpg"), cfg.vis_score)
     with open(args.output, "w") as f:
         json.dump(results, f)
-    print(f"evaluate: {len(results)} detections on {len(paths)} images -> {args.output}")
+    print(f"evaluate: {len(results)} detections on {len(paths)} images -> {args.output}"
+          + (f"; drawn (score >= {cfg.vis_score}) into {args.vis}" if args.vis else ""))
 
 
 def main(argv=None):
     p = config.parser(__doc__)
     p.add_argument("--ckpt", required=True, help="upstream's .pth or one of ours")
-    p.add_argument("--images", help="image files to run on instead of a COCO split: a file, a folder or a glob")
+    p.add_argument("--images", nargs="+", help="image files to run on instead of a COCO split: files, folders or "
+                   "globs")
     p.add_argument("--output", default="dets.json", help="--images: the detections json (default dets.json)")
     p.add_argument("--vis", default="", help="--images: folder for the drawn images")
     args, overrides = config.parse(p, argv)
+    if args.images:  # key=value after --images is an override, unless a file of that name exists
+        overrides = [a for a in args.images if "=" in a and not os.path.exists(a)] + overrides
+        args.images = [a for a in args.images if "=" not in a or os.path.exists(a)]
     rank, world_size, _ = launch.env()
-    if args.images:  # one image per forward unless asked: upstream's exact numbers
-        overrides = ["test_ims_per_batch=1"] + overrides
     net, cfg, device, categories = load(args.ckpt, args.config, overrides, verbose=rank == 0)
+    given = config.keys(overrides)
+    if args.images and "test_ims_per_batch" not in given:  # one image per forward unless asked: upstream's numbers
+        cfg = dataclasses.replace(cfg, test_ims_per_batch=1)
+    if not args.images and "output_dir" not in given:  # beside a training's own results, never over them
+        cfg = dataclasses.replace(cfg, output_dir=os.path.join(
+            cfg.output_dir, "eval_" + os.path.splitext(os.path.basename(args.ckpt))[0]))
     launch.numeric_policy(cfg)  # FP32 as upstream ran it; TF32 only with tf32=true
     if cfg.test_ims_per_batch % world_size:
         raise config.ConfigError(f"test_ims_per_batch={cfg.test_ims_per_batch} is not divisible by {world_size} "
@@ -261,7 +278,8 @@ def main(argv=None):
     if args.images:
         result = run_images(args, net, cfg, device, categories, rank, world_size)
     else:
-        result = evaluate_coco(net, cfg, device, rank, world_size)
+        with launch.output_dir(cfg.output_dir, rank):
+            result = evaluate_coco(net, cfg, device, rank, world_size)
     launch.finish(world_size)
     return result
 

@@ -9,6 +9,7 @@ paragraph and exit code 2.
     launch.numeric_policy(cfg)                           # FP32 as upstream, or TF32 when cfg.tf32
     ...
     launch.finish(world_size)
+    with launch.output_dir(cfg.output_dir, rank): ...    # checked, made and locked for the run's life
     launch.build_once(lock, ready, build)                # a file made by one process of the machine, the rest wait
     launch.atomic_write(path, lambda f: f.write(data))   # a temporary file renamed into place
 
@@ -22,6 +23,8 @@ import fcntl
 import itertools
 import os
 import pickle
+import shutil
+import socket
 import sys
 
 import torch
@@ -180,6 +183,47 @@ def atomic_write(path, write, mode="wb"):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def output_dir(path, rank=0):
+    """The run's output folder, held for the run's life by rank 0 (the process that writes there): made if absent,
+    refused in one paragraph when it cannot be (a file, a read-only parent), and locked (flock on path/.lock: the
+    kernel frees it when its holder dies, so kill -9 leaves no stale lock and --resume works), so that a second
+    run into the same folder stops at once, naming the holder. A run that fails before writing anything there
+    removes the folder it made."""
+    if rank != 0:
+        yield
+        return
+    made = not os.path.lexists(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        lock = open(os.path.join(path, ".lock"), "a+")
+    except OSError as e:
+        what = "is a file, not a folder" if os.path.isfile(path) or isinstance(e, (FileExistsError, NotADirectoryError))\
+            else f"cannot be made or written ({e.strerror or e})"
+        raise config.ConfigError(f"output_dir={path} {what}: choose another output_dir=, or make the folder "
+                                 f"writable") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process that has not said who it is"
+        lock.close()
+        raise config.ConfigError(f"output_dir={path} is in use by another run ({holder}): two runs in one folder "
+                                 f"would mix their checkpoints and logs. Wait for it to end, or choose another "
+                                 f"output_dir=") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
+    lock.flush()
+    ended = False
+    try:
+        yield
+        ended = True
+    finally:
+        if not ended and made and os.listdir(path) == [".lock"]:
+            shutil.rmtree(path, ignore_errors=True)
+        lock.close()
 
 
 def user_message(e):

@@ -25,8 +25,11 @@ $FRCNN_OPS_BUILD_DIR (default: torch's extension cache, ~/.cache/torch_extension
 the source, the flags and the versions of torch (and of torch_mlu and CNNL for the MLU variant), so an edit or an
 SDK upgrade rebuilds and a cached start only loads the .so.
 """
+import contextlib
 import hashlib
 import importlib.util
+import io
+import logging
 import os
 import sys
 import time
@@ -90,10 +93,27 @@ def _sdk_version(incs):
     return parts
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without the "No CUDA runtime is found, using CUDA_HOME=..." line it
+    writes at import where torch is a CUDA build and no GPU is present: a CPU run needs no CUDA, and the line reads
+    like a fault (torch >= 2.2 logs it, older torch prints it)."""
+    if "torch.utils.cpp_extension" not in sys.modules:
+        log = logging.getLogger("torch.utils.cpp_extension")
+        level, err = log.level, io.StringIO()
+        log.setLevel(logging.ERROR)
+        try:
+            with contextlib.redirect_stderr(err):
+                import torch.utils.cpp_extension  # noqa: F401
+        finally:
+            log.setLevel(level)
+        sys.stderr.write("".join(ln for ln in err.getvalue().splitlines(True) if "No CUDA runtime" not in ln))
+    return sys.modules["torch.utils.cpp_extension"]
+
+
 def _build(cflags, incs, ldflags, tag):
     """Load the variant from the cache, building it first if needed (one process of the machine builds, the
     others wait for it); returns the .so path or raises."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
     flags = ["-O3"] + (["-fopenmp"] if torch._C.has_openmp else []) + cflags  # at::parallel_for is OpenMP inline
     with open(_SRC, "rb") as f:
         sdk = _sdk_version(incs) if tag == "mlu" else []

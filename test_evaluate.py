@@ -294,3 +294,30 @@ def test_truncated_checkpoint_is_one_paragraph_naming_it(tmp_path):
     proc = run(script("evaluate.py", "--ckpt", ckpt, "--images", tmp_path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"cannot read checkpoint {ckpt!r}" in proc.stderr
+
+
+# ---- where evaluate.py writes, and what it takes as --images
+
+@pytest.mark.slow
+def test_images_take_several_paths_and_evaluation_writes_beside_the_training(demo_root, tmp_path):
+    cfg = config.get("demo", [f"output_dir={tmp_path / 'train'}", "min_size_test=96", "max_size_test=128"],
+                     verbose=False)
+    os.makedirs(cfg.output_dir)
+    ckpt = os.path.join(cfg.output_dir, "model_final.pth")
+    checkpoint.save(ckpt, model.build_model(cfg), cfg)
+    (tmp_path / "train" / "metrics_val2017.json").write_text("the training's own")
+    names = sorted(os.listdir(os.path.join(demo_root, "val2017")))[:3]
+    paths = [os.path.join(demo_root, "val2017", n) for n in names]  # as the shell expands val2017/*.jpg
+    out, vis = str(tmp_path / "dets.json"), str(tmp_path / "vis")
+    res = run(script("evaluate.py", "--ckpt", ckpt, "--images", *paths, "score_thresh=0.0", "--output", out,
+                     "--vis", vis))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {d["file_name"] for d in json.load(open(out))} == set(names) and sorted(os.listdir(vis)) == names
+    assert f"-> {out}; drawn (score >= 0.5) into {vis}" in res.stdout
+    assert "config: score_thresh = 0.0" in res.stdout and "test_ims_per_batch" not in res.stdout  # what the user set
+    res = run(script("evaluate.py", "--ckpt", ckpt, f"data_root={demo_root}", "vis_images=1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    beside = tmp_path / "train" / "eval_model_final"
+    assert json.load(open(beside / "metrics_val2017.json"))["images"] == 8 and len(os.listdir(beside / "vis")) == 1
+    assert (tmp_path / "train" / "metrics_val2017.json").read_text() == "the training's own"  # not written over
+

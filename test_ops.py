@@ -540,3 +540,12 @@ def test_neuware_home_defaults_to_cambricons_path(monkeypatch):
     args, why = ops._mlu_build_args()
     assert os.environ.get("NEUWARE_HOME") == "/usr/local/neuware"
     assert why == "cnnl.h not found in torch_mlu's include paths"  # looked in /usr/local/neuware/include
+
+
+def test_cpu_runs_do_not_show_torchs_cuda_home_line():
+    # torch's CUDA builds say "No CUDA runtime is found, using CUDA_HOME=..." when cpp_extension is imported on a
+    # machine without a GPU; ops.py imports it for the native build, where the line would read like a fault
+    code = "import ops; ops._cpp_extension(); import sys; print('imported', file=sys.stderr)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr.strip().endswith("imported"), proc.stderr
+    assert "No CUDA runtime" not in proc.stderr + proc.stdout

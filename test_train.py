@@ -2,6 +2,7 @@
 processes, coco_tiny end to end, and faults: kill -9 and resume, a worker death under torchrun --max-restarts,
 non-finite losses and weights, and bad user input that must end in a one-paragraph error (exit 2, no traceback).
 Runs train.main in-process on the tiny generated data set, or train.py in a subprocess as a user would."""
+import contextlib
 import glob
 import json
 import math
@@ -19,7 +20,7 @@ import checkpoint
 import config
 import data
 import train
-from conftest import TINY, free_port, run, train_cmd
+from conftest import HERE, TINY, free_port, run, train_cmd
 
 
 def test_lr_function_warmup_steps_and_scaling():
@@ -423,9 +424,10 @@ def broken_copy(demo_root, dst, edit=None, images=True):
         if images:
             os.symlink(os.path.join(demo_root, split), os.path.join(dst, split))
         js = json.load(open(os.path.join(demo_root, "annotations", f"instances_{split}.json")))
-        if edit and split == "train2017":
-            edit(js)
-        json.dump(js, open(os.path.join(dst, "annotations", f"instances_{split}.json"), "w"))
+        encoding = edit(js) if edit and split == "train2017" else None  # an edit may name the file's encoding
+        encoding = encoding if isinstance(encoding, str) else None
+        with open(os.path.join(dst, "annotations", f"instances_{split}.json"), "w", encoding=encoding) as f:
+            json.dump(js, f, ensure_ascii=encoding is None)
     return dst
 
 
@@ -433,25 +435,69 @@ def first_annotation(**change):
     return lambda js: js["annotations"][0].update(change)
 
 
+def latin1(js):
+    js["categories"][0]["name"] = "caf\u00e9"
+    return "latin-1"  # the json is written in this encoding
+
+
+def repeated_image_id(js):
+    js["images"][1]["id"] = js["images"][0]["id"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case, edit, extra, expect", [
     ("bbox a string", first_annotation(bbox="10,10,20,20"), [],
-     r"annotation \d+ of image \d+: 'bbox' must be 4 numbers"),
+     r"annotation \d+ \(#0 of 'annotations', image \d+\): 'bbox' must be 4 numbers"),
     ("bbox of 3 numbers", first_annotation(bbox=[1, 2, 3]), [],
      r"'bbox' must be 4 numbers \[x, y, w, h\], got \[1, 2, 3\]"),
-    ("unknown category", first_annotation(category_id=77), [], r"has category_id 77, which is not in 'categories'"),
-    ("image without height", lambda js: js["images"][0].pop("height"), [], r"image \d+ has height None"),
+    ("unknown category", first_annotation(category_id=77), [], r"has category_id 77, which 'categories' does not "),
+    ("image without height", lambda js: js["images"][0].pop("height"), [],
+     r"image #0 of 'images' \(id \d+\) has no 'height'; a positive integer is needed"),
     ("no image folder", None, [], r"no image folder .*train2017 for .*instances_train2017.json"),
     ("negative lr", None, ["base_lr=-0.02"], r"'base_lr' is -0.02; it must be positive"),
     ("no images per batch", None, ["ims_per_batch=0"], r"'ims_per_batch' is 0; it must be a positive integer"),
     ("too few classes", None, ["num_classes=2"], r"has 3 categories .*so set num_classes=4"),
+    ("json not UTF-8", latin1, [], r"instances_train2017.json is not UTF-8 text \(byte \d+: b'\\xe9"),
+    ("repeated image id", repeated_image_id, [], r"image id \d+ is listed 2 times in 'images' \(\d+\.jpg, \d+\.jpg\)"),
+    ("flip_prob nan", None, ["flip_prob=nan"], r"config field 'flip_prob' is nan; it must be a finite number"),
+    ("output_dir a file", None, ["output_dir={file}"], r"output_dir=.*/a_file is a file, not a folder"),
+    ("output_dir read-only", None, ["output_dir={read_only}/out"],
+     r"output_dir=.*/read_only/out cannot be made or written \(.*\): choose another output_dir="),
 ])
 def test_each_reviewed_fault_is_one_paragraph_exit_2(demo_root, tmp_path, case, edit, extra, expect):
     root = broken_copy(demo_root, str(tmp_path / "data"), edit, images=case != "no image folder")
-    proc = run(train_cmd(root, tmp_path / "out", "max_iter=1", *extra), timeout=300)  # a hang fails here
+    (tmp_path / "a_file").write_text("a file where output_dir points")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    extra = [e.format(file=tmp_path / "a_file", read_only=read_only) for e in extra]
+    with unwritable(read_only):
+        proc = run(train_cmd(root, tmp_path / "out", "max_iter=1", *extra), timeout=300)  # a hang fails here
     assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and re.search(expect, proc.stderr), proc.stderr[-2000:]
     assert proc.stderr.count("error:") == 1
+    assert not (tmp_path / "out").exists()  # a failed run leaves no empty output_dir behind
+    assert (tmp_path / "a_file").read_text() == "a file where output_dir points"
+
+
+@contextlib.contextmanager
+def unwritable(folder):
+    """folder made unwritable: chmod for a user, the immutable flag for root (whom chmod does not stop)."""
+    os.chmod(folder, 0o555)
+    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    try:
+        probe = folder / "probe"
+        try:
+            probe.mkdir()
+        except OSError:
+            pass
+        else:
+            probe.rmdir()
+            pytest.skip(f"cannot make {folder} unwritable here (root without chattr)")
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        os.chmod(folder, 0o755)
 
 
 @pytest.mark.slow
@@ -483,3 +529,39 @@ def test_skipped_images_are_counted_in_the_log_summed_over_ranks(demo_root, tmp_
         last = [json.loads(line) for line in open(tmp_path / out / "log.jsonl") if '"loss"' in line][-1]
         assert last["skipped_images"] == expected, out
     assert f"skipped {expected}" in open(tmp_path / "two" / "log.txt").read()
+
+
+# ---- one run per output_dir; --resume of a finished run
+
+@pytest.mark.slow
+def test_second_run_into_one_output_dir_is_refused_and_a_killed_holder_blocks_nothing(demo_root, tmp_path):
+    out = str(tmp_path / "out")
+    first = subprocess.Popen(train_cmd(demo_root, out, "max_iter=500", "checkpoint_period=2"), cwd=HERE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_iteration(out, 2, first)
+        second = run(train_cmd(demo_root, out, "max_iter=4"))
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+        assert re.search(rf"output_dir={re.escape(out)} is in use by another run \(pid {first.pid} on .*\): two runs",
+                         second.stderr), second.stderr
+        records_before = open(os.path.join(out, "log.jsonl")).read()
+        assert all(json.loads(line).get("iter", 0) < 500 for line in records_before.splitlines())
+    finally:
+        first.kill()  # SIGKILL: no handler runs, the kernel drops its lock
+        first.communicate()
+    assert first.returncode == -9 and checkpoint.training_checkpoints(out)
+    last = checkpoint.load(checkpoint.training_checkpoints(out)[0])["iteration"]
+    resumed = run(train_cmd(demo_root, out, f"max_iter={last + 2}", "checkpoint_period=2", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from iteration {last}" in resumed.stdout and os.path.exists(os.path.join(out, "model_final.pth"))
+
+
+@pytest.mark.slow
+def test_resume_past_max_iter_says_so_and_touches_nothing(demo_root, tmp_path):
+    out = tmp_path / "out"
+    assert run(train_cmd(demo_root, out, "max_iter=4", "checkpoint_period=2")).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}  # .lock: the holder
+    proc = run(train_cmd(demo_root, out, "max_iter=2", "--resume"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"the newest checkpoint in .* is at iteration 4, past max_iter=2: nothing to do", proc.stdout)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
