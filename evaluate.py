@@ -18,6 +18,7 @@ pixels with upstream's +1 width (w = x2 - x1 + 1), "score", "category_id"}, one 
 test_ims_per_batch is given: that reproduces upstream exactly (batching changes the padding, maskrcnn-benchmark
 issue 633).
 """
+import collections
 import colorsys
 import glob
 import json
@@ -25,6 +26,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # sleeping OpenMP waits on a busy CPU: see train.py
 
+import numpy as np  # noqa: E402 (after OMP_WAIT_POLICY)
 import torch  # noqa: E402 (after OMP_WAIT_POLICY)
 
 import checkpoint
@@ -163,11 +165,11 @@ def coco_eval(ann_file, results, evaluator=None):
     all and 100 detections, over IoU .50:.95, at .5 and at .75 (detectron2's per-category AP, -1 instead of its NaN
     for a category without ground truth); gt_boxes counts its non-crowd boxes. pr: {"iou": (T,), "recall": (R,),
     "precision": (T, R, K) those precisions, -1 for a category without ground truth}."""
-    import numpy as np
     _, COCO, COCOeval = evaluator or coco_evaluator()
     gt = COCO(ann_file)
     cat_ids = sorted(gt.getCatIds())
-    gt_boxes = [sum(not a.get("iscrowd", 0) for a in gt.loadAnns(gt.getAnnIds(catIds=[c]))) for c in cat_ids]
+    counts = collections.Counter(a["category_id"] for a in gt.loadAnns(gt.getAnnIds()) if not a.get("iscrowd", 0))
+    gt_boxes = [counts[c] for c in cat_ids]
     if results:
         e = COCOeval(gt, gt.loadRes(results), "bbox")
         e.evaluate()
@@ -203,7 +205,7 @@ def per_class_table(per_class, max_width=120):
     """The per-class numbers as console lines, in per_class's order (category id), read down each column: as many
     columns side by side as fit in max_width characters (one for up to 10 classes); "-" where a class has no
     ground truth."""
-    width = max(5, min(24, max(len(c["name"]) for c in per_class)))
+    width = max(5, min(24, max((len(c["name"]) for c in per_class), default=0)))
     head = f"{'class':<{width}} {'AP':>5} {'AP50':>5} {'AP75':>5} {'gt':>6}"
 
     def cell(c):
@@ -223,7 +225,6 @@ def plot_pr_curves(per_class, pr, png, title, few=5):
     recall steps, area all, 100 detections) at IoU 0.5 and at 0.75, for all classes together (the mean over the
     classes with ground truth, whose area is AP50 or AP75) and for each class when there are at most 2 * few, else
     the few best (solid) and the few worst (dashed) by that IoU's AP. Drawn on matplotlib's Agg canvas."""
-    import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(15, 6), dpi=100, layout="constrained")

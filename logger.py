@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 
+import numpy as np
 import torch
 
 import launch
@@ -140,22 +141,24 @@ class TrainLog:
                 self.tb.close()
 
 
-def rolling_median(values, window=WINDOW):
+def rolling_median(values, window=WINDOW, chunk=10000):
     """(N,) float64: at each position the median of the last `window` values (fewer at the start), the lower one
-    of an even count as torch.median takes it, so it equals the log line's median where the log's window is full."""
+    of an even count as torch.median takes it, so it equals the log line's median where the log's window is full.
+    Windows are sorted `chunk` at a time, so memory stays at chunk x window values."""
     x = torch.as_tensor(values, dtype=torch.float64)
     head = [x[:i + 1].median() for i in range(min(window - 1, len(x)))]
-    tail = x.unfold(0, window, 1).median(1).values if len(x) >= window else x[:0]
-    return torch.cat([torch.stack(head), tail]).numpy() if head else tail.numpy()
+    tail = [x[i:i + chunk + window - 1].unfold(0, window, 1).median(1).values
+            for i in range(0, len(x) - window + 1, chunk)]
+    return torch.cat(([torch.stack(head)] if head else []) + tail).numpy() if len(x) else x.numpy()
 
 
 def loss_series(jsonl):
     """What loss_curves.png draws, from a log.jsonl that may hold several runs of one folder: a run starting at
     iteration s (0 when fresh, else the resumed checkpoint's) replaces every iteration and evaluation after s that
     earlier runs logged. {"iter": (N,) int, one per iteration with logged losses; "raw": {"loss" (the sum), each
-    term: (N,) each iteration's value, averaged over ranks}; "smoothed": the same keys, rolling_median of raw;
-    "lr": (N,); "evals": [(iteration, the evaluation's metrics)] in iteration order}."""
-    import numpy as np
+    term: (N,) each iteration's value, averaged over ranks}; "smoothed": the same keys, rolling_median of raw over
+    "window" iterations: WINDOW as the log's median, or N / 300 on a long run (a thick line of 90k points of a
+    20-iteration median is a band, not a line); "lr": (N,); "evals": [(iteration, its metrics)] in order}."""
     points, evals = {}, {}
     with open(jsonl) as f:
         for line in f:
@@ -174,14 +177,15 @@ def loss_series(jsonl):
     terms = [k for k in points[its[0]] if k != "lr"] if its else []
     raw = {t: np.array([points[i][t] for i in its], dtype=np.float64) for t in terms}
     raw = {"loss": sum(raw.values()) if terms else np.zeros(0), **raw}
-    return {"iter": np.array(its, dtype=np.int64), "raw": raw,
-            "smoothed": {t: rolling_median(v) for t, v in raw.items()},
+    window = max(WINDOW, len(its) // 300)
+    return {"iter": np.array(its, dtype=np.int64), "raw": raw, "window": window,
+            "smoothed": {t: rolling_median(v, window) for t, v in raw.items()},
             "lr": np.array([points[i]["lr"] for i in its], dtype=np.float64), "evals": sorted(evals.items())}
 
 
 def plot_losses(jsonl, png):
     """loss_curves.png of loss_series(jsonl), 1500 x 800 pixels for 4 terms: a panel per term and one for their
-    sum (lr on its right axis), each iteration as a thin light line and the median of WINDOW as a thick one on a log
+    sum (lr on its right axis), each iteration as a thin light line and the smoothed median as a thick one on a log
     scale; dotted lines where an evaluation ran, and a last panel of the evaluations' AP, AP50 and AP75. Drawn on
     matplotlib's Agg canvas, so the user's backend and pyplot state are left alone; nothing for under 2 points."""
     s = loss_series(jsonl)
@@ -189,6 +193,7 @@ def plot_losses(jsonl, png):
         return
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     rows = (len(s["raw"]) + 3) // 3  # the terms, their sum and the evaluations, 3 panels a row
@@ -198,9 +203,12 @@ def plot_losses(jsonl, png):
     its, eval_its = s["iter"], [i for i, _ in s["evals"]]
     for k, (ax, term) in enumerate(zip(axes, s["raw"])):
         colour = "black" if term == "loss" else f"C{k - 1}"
-        ax.plot(its, s["raw"][term], color=colour, lw=0.6, alpha=0.35, label="each iteration")
-        ax.plot(its, s["smoothed"][term], color=colour, lw=2, label=f"median of {WINDOW}")
+        ax.plot(its, s["raw"][term], color=colour, lw=0.6, alpha=0.35)
+        ax.plot(its, s["smoothed"][term], color=colour, lw=2)
         ax.set_yscale("log", nonpositive="mask")  # a loss can be exactly 0 (no positive anchor): not drawn
+        positive = s["raw"][term][s["raw"][term] > 0]
+        if positive.size:  # an iteration far below every median would stretch the log scale: it leaves the frame
+            ax.set_ylim(bottom=max(positive.min(), s["smoothed"][term].min() / 5) / 1.2)
         ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(NullFormatter())
@@ -210,12 +218,14 @@ def plot_losses(jsonl, png):
             ax.axvline(i, color="0.5", ls=":", lw=1)
     total = axes[0]
     lr_ax = total.twinx()
-    lr_ax.plot(its, s["lr"], color="C4", lw=1.2, ls="--", label="lr (right axis)")
+    lr_ax.plot(its, s["lr"], color="C4", lw=1.2, ls="--")
     lr_ax.set_ylim(0, s["lr"].max() * 1.1 or 1)
     lr_ax.yaxis.set_major_formatter(plain)
-    lr_ax.set_ylabel("learning rate")
-    handles = total.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
-    total.legend(handles=handles, loc="upper right", fontsize=9)
+    lr_ax.set_ylabel("learning rate", color="C4")
+    key = [Line2D([], [], color="0.3", lw=0.6, alpha=0.6), Line2D([], [], color="0.3", lw=2),
+           Line2D([], [], color="C4", lw=1.2, ls="--"), Line2D([], [], color="0.5", ls=":", lw=1)]
+    fig.legend(key, ["each iteration (averaged over ranks)", f"median of the last {s['window']}",
+                     "learning rate (right axis of the sum)", "evaluation"], loc="outside upper center", ncols=4)
     ev = axes[-1]
     if s["evals"]:
         for key in ("AP", "AP50", "AP75"):
@@ -232,5 +242,4 @@ def plot_losses(jsonl, png):
     for ax in axes[len(s["raw"]):-1]:
         ax.set_visible(False)
     fig.supxlabel("iteration")
-    fig.suptitle(f"training losses: thin = each iteration (averaged over ranks), thick = median of the last {WINDOW}")
     launch.atomic_write(png, lambda f: fig.savefig(f, format="png"))

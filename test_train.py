@@ -266,6 +266,7 @@ def test_outputs_and_the_smoothed_log(demo_root, tmp_path, monkeypatch):
     assert s["raw"]["loss"] == pytest.approx([sum(x.values()) for x in seen], rel=1e-5)
     cfg = config.from_dict(records[0]["config"])
     assert s["lr"] == pytest.approx([train.get_lr(it, cfg) for it in range(24)], rel=1e-5)
+    assert s["window"] == logger.WINDOW
     for r in lines:  # the thick line passes through every logged median
         for name in ("loss", *seen[0]):
             assert s["smoothed"][name][r["iter"] - 1] == pytest.approx(r[name], rel=1e-5), (r["iter"], name)
@@ -305,7 +306,7 @@ def test_loss_series_takes_each_run_of_a_folder_from_where_it_started(tmp_path):
 
 def test_rolling_median_is_torch_median_of_the_last_window():
     x = torch.rand(57, generator=torch.Generator().manual_seed(0)).tolist()
-    got = logger.rolling_median(x, window=20)
+    got = logger.rolling_median(x, window=20, chunk=7)
     assert got.tolist() == [torch.tensor(x[max(0, i - 19):i + 1], dtype=torch.float64).median().item()
                             for i in range(57)]
 
