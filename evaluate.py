@@ -237,14 +237,14 @@ def plot_pr_curves(per_class, pr, png, title, few=5):
             ax.plot(recall, p[:, valid].mean(1), color="black", lw=3,
                     label=f"all {len(valid)} classes ({p[:, valid].mean():.3f})")
         ranked = sorted(valid, key=lambda k: -per_class[k][key])
-        if len(ranked) <= 2 * few:
-            shown = [(k, "-") for k in ranked]
+        if len(ranked) <= 2 * few:  # a class keeps its colour in both panels
+            shown = [(k, "-", f"C{k % 10}") for k in ranked]
             note = f"{key}, every class"
         else:
-            shown = [(k, "-") for k in ranked[:few]] + [(k, "--") for k in ranked[-few:]]
+            shown = [(k, "-" if j < few else "--", f"C{j}") for j, k in enumerate(ranked[:few] + ranked[-few:])]
             note = f"{key}; solid: the {few} best,\ndashed: the {few} worst"
-        for j, (k, style) in enumerate(shown):
-            ax.plot(recall, p[:, k], ls=style, lw=1.5, color=f"C{j % 10}",
+        for k, style, colour in shown:
+            ax.plot(recall, p[:, k], ls=style, lw=1.5, color=colour,
                     label=f"{per_class[k]['name']} ({per_class[k][key]:.3f})")
         ax.set_xlim(0, 1)
         ax.set_ylim(-0.01, 1.01)  # a class without a true positive lies on precision 0: off the frame's edge
