@@ -12,13 +12,15 @@ Every config field is an override, as in train.py (key=value or --key value: dev
 val_split=val2017, output_dir=...). The order is: the checkpoint, then its config (ours carry theirs; upstream's
 take the --config preset, R-101-FPN by default) with the overrides, then the device, then the model.
 
-A COCO split writes coco_results_{split}.json and metrics_{split}.json to output_dir/eval_{checkpoint name}/ (beside
-a training's own results, never over them; output_dir= names the folder itself) and prints the COCO table.
+A COCO split writes coco_results_{split}.json, metrics_{split}.json (with per-class AP) and pr_curves.png to
+output_dir/eval_{checkpoint name}/ (beside a training's own results, never over them; output_dir= names the folder
+itself) and prints the COCO table and the per-class one.
 --images writes a JSON list, one record per detection: {"file_name", "bbox": [x, y, w, h] in the original image's
 pixels with upstream's +1 width (w = x2 - x1 + 1), "score", "category_id"}, one image per forward unless
 test_ims_per_batch is given: that reproduces upstream exactly (batching changes the padding, maskrcnn-benchmark
 issue 633).
 """
+import collections
 import colorsys
 import dataclasses
 import glob
@@ -27,6 +29,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # sleeping OpenMP waits on a busy CPU: see train.py
 
+import numpy as np  # noqa: E402 (after OMP_WAIT_POLICY)
 import torch  # noqa: E402 (after OMP_WAIT_POLICY)
 
 import checkpoint
@@ -158,24 +161,110 @@ def coco_evaluator():
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
-def coco_stats(ann_file, results, evaluator=None):
-    """The twelve COCOeval bbox numbers (summarize() prints the table) of result records against ann_file."""
+def coco_eval(ann_file, results, evaluator=None):
+    """(stats, per_class, pr) of result records against ann_file; summarize() prints the COCO table.
+    stats: the twelve COCOeval bbox numbers. per_class: [{"id", "name", "AP", "AP50", "AP75", "gt_boxes"}] per
+    category in category id order (COCOeval's K axis): the mean of COCOeval's eval["precision"] entries > -1 at area
+    all and 100 detections, over IoU .50:.95, at .5 and at .75 (detectron2's per-category AP, -1 instead of its NaN
+    for a category without ground truth); gt_boxes counts its non-crowd boxes. pr: {"iou": (T,), "recall": (R,),
+    "precision": (T, R, K) those precisions, -1 for a category without ground truth}."""
     _, COCO, COCOeval = evaluator or coco_evaluator()
     gt = COCO(ann_file)
-    if not results:  # loadRes cannot take an empty list
-        return dict.fromkeys(STAT_NAMES, 0.0)
-    e = COCOeval(gt, gt.loadRes(results), "bbox")
-    e.evaluate()
-    e.accumulate()
-    e.summarize()
-    return dict(zip(STAT_NAMES, map(float, list(e.stats)[:12])))
+    cat_ids = sorted(gt.getCatIds())
+    counts = collections.Counter(a["category_id"] for a in gt.loadAnns(gt.getAnnIds()) if not a.get("iscrowd", 0))
+    gt_boxes = [counts[c] for c in cat_ids]
+    if results:
+        e = COCOeval(gt, gt.loadRes(results), "bbox")
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+        p = e.params
+        assert [int(c) for c in p.catIds] == cat_ids, (p.catIds, cat_ids)
+        stats = dict(zip(STAT_NAMES, map(float, list(e.stats)[:12])))
+        iou, recall = np.asarray(p.iouThrs, dtype=float), np.asarray(p.recThrs, dtype=float)
+        precision = np.asarray(e.eval["precision"])[:, :, :, list(p.areaRngLbl).index("all"),
+                                                    list(p.maxDets).index(100)]  # (T, R, K)
+    else:  # loadRes cannot take an empty list: precision 0 wherever there is something to find
+        stats = dict.fromkeys(STAT_NAMES, 0.0)
+        iou, recall = np.linspace(0.5, 0.95, 10), np.linspace(0, 1, 101)  # pycocotools' Params
+        precision = np.where(np.array(gt_boxes) > 0, 0.0, -1.0)[None, None].repeat(10, 0).repeat(101, 1)
+
+    def mean(x):
+        x = x[x > -1]
+        return float(x.mean()) if x.size else -1.0
+    t50, t75 = int(np.argmin(abs(iou - 0.5))), int(np.argmin(abs(iou - 0.75)))
+    names = {c["id"]: c["name"] for c in gt.loadCats(cat_ids)}
+    per_class = [{"id": c, "name": names[c], "AP": mean(precision[:, :, k]), "AP50": mean(precision[t50, :, k]),
+                  "AP75": mean(precision[t75, :, k]), "gt_boxes": n} for k, (c, n) in enumerate(zip(cat_ids, gt_boxes))]
+    return stats, per_class, {"iou": iou, "recall": recall, "precision": precision}
+
+
+def coco_stats(ann_file, results, evaluator=None):
+    """The twelve COCOeval bbox numbers (summarize() prints the table) of result records against ann_file."""
+    return coco_eval(ann_file, results, evaluator)[0]
+
+
+def per_class_table(per_class, max_width=120):
+    """The per-class numbers as console lines, in per_class's order (category id), read down each column: as many
+    columns side by side as fit in max_width characters (one for up to 10 classes); "-" where a class has no
+    ground truth."""
+    width = max(5, min(24, max((len(c["name"]) for c in per_class), default=0)))
+    head = f"{'class':<{width}} {'AP':>5} {'AP50':>5} {'AP75':>5} {'gt':>6}"
+
+    def cell(c):
+        aps = " ".join(f"{c[k]:5.3f}" if c[k] >= 0 else f"{'-':>5}" for k in ("AP", "AP50", "AP75"))
+        return f"{c['name'][:width]:<{width}} {aps} {c['gt_boxes']:>6}"
+    cols = 1 if len(per_class) <= 10 else max(1, (max_width + 3) // (len(head) + 3))
+    rows = -(-len(per_class) // cols)
+    cols = -(-len(per_class) // rows)
+    lines = [" | ".join([head] * cols)]
+    for r in range(rows):
+        lines.append(" | ".join(cell(per_class[i]) for i in range(r, len(per_class), rows)))
+    return "\n".join(lines)
+
+
+def plot_pr_curves(per_class, pr, png, title, few=5):
+    """pr_curves.png, 1500 x 600 pixels: precision against recall (COCOeval's interpolated precision at its 101
+    recall steps, area all, 100 detections) at IoU 0.5 and at 0.75, for all classes together (the mean over the
+    classes with ground truth, whose area is AP50 or AP75) and for each class when there are at most 2 * few, else
+    the few best (solid) and the few worst (dashed) by that IoU's AP. Drawn on matplotlib's Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(15, 6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    recall = pr["recall"]
+    valid = [k for k, c in enumerate(per_class) if c["gt_boxes"] > 0]
+    for ax, thresh, key in zip(fig.subplots(1, 2, sharey=True), (0.5, 0.75), ("AP50", "AP75")):
+        p = pr["precision"][int(np.argmin(abs(pr["iou"] - thresh)))]  # (R, K)
+        if valid:
+            ax.plot(recall, p[:, valid].mean(1), color="black", lw=3,
+                    label=f"all {len(valid)} classes ({p[:, valid].mean():.3f})")
+        ranked = sorted(valid, key=lambda k: -per_class[k][key])
+        if len(ranked) <= 2 * few:  # a class keeps its colour in both panels
+            shown = [(k, "-", f"C{k % 10}") for k in ranked]
+            note = f"{key}, every class"
+        else:
+            shown = [(k, "-" if j < few else "--", f"C{j}") for j, k in enumerate(ranked[:few] + ranked[-few:])]
+            note = f"{key}; solid: the {few} best,\ndashed: the {few} worst"
+        for k, style, colour in shown:
+            ax.plot(recall, p[:, k], ls=style, lw=1.5, color=colour,
+                    label=f"{per_class[k]['name']} ({per_class[k][key]:.3f})")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.01, 1.01)  # a class without a true positive lies on precision 0: off the frame's edge
+        ax.set_xlabel("recall")
+        ax.grid(True, alpha=0.3)
+        ax.set_title(f"IoU {thresh:g}")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9, title=note, title_fontsize=9)
+    fig.axes[0].set_ylabel("precision")
+    fig.suptitle(title)
+    launch.atomic_write(png, lambda f: fig.savefig(f, format="png"))
 
 
 def evaluate_coco(net, cfg, device, rank=0, world_size=1):
     """COCO box evaluation of cfg.val_split as upstream's inference(): every image once, sharded over ranks and
-    gathered on rank 0 by dataset index. Rank 0 prints the COCO table and AP/AP50, writes coco_results_{split}.json,
-    metrics_{split}.json and the drawings of the first cfg.vis_images images (vis/) to cfg.output_dir and returns
-    the metrics (others: None)."""
+    gathered on rank 0 by dataset index. Rank 0 prints the COCO table, the per-class table and AP/AP50, writes
+    coco_results_{split}.json, metrics_{split}.json (with "per_class"), pr_curves.png and the drawings of the first
+    cfg.vis_images images (vis/) to cfg.output_dir and returns the metrics (others: None)."""
     split, out = cfg.val_split, cfg.output_dir
     loader = data.make_test_loader(cfg, split, rank, world_size)
     data.check_classes(loader.dataset, cfg)
@@ -189,10 +278,15 @@ def evaluate_coco(net, cfg, device, rank=0, world_size=1):
     with open(os.path.join(out, f"coco_results_{split}.json"), "w") as f:
         json.dump(results, f)
     evaluator = coco_evaluator()
-    stats = coco_stats(ds.ann_file, results, evaluator)
-    metrics = {"split": split, "images": len(ds), "detections": len(results), "evaluator": evaluator[0], **stats}
+    stats, per_class, pr = coco_eval(ds.ann_file, results, evaluator)
+    metrics = {"split": split, "images": len(ds), "detections": len(results), "evaluator": evaluator[0], **stats,
+               "per_class": per_class}
     with open(os.path.join(out, f"metrics_{split}.json"), "w") as f:
         json.dump(metrics, f, indent=1)
+    print(f"evaluate: per-class AP of {split} by category id (IoU .50:.95, area all, 100 detections; gt: non-crowd "
+          f"boxes)\n{per_class_table(per_class)}")
+    plot_pr_curves(per_class, pr, os.path.join(out, "pr_curves.png"),
+                   f"precision-recall on {split} ({len(ds)} images, {len(results)} detections, {evaluator[0]})")
     for i in range(min(cfg.vis_images, len(ds))):
         draw(ds.path(i), dets[i], ds.names, os.path.join(out, "vis", os.path.basename(ds.path(i))), cfg.vis_score)
     if cfg.vis_images:

@@ -1,11 +1,12 @@
 """The training log, written by rank 0: one console line per log_period with each loss smoothed as upstream's
 MetricLogger shows it (median over the last 20 iterations, and the average since the run started), the console
-copied to output_dir/log.txt, the same record as a JSON line in log.jsonl, TensorBoard event files when tensorboard
-is installed (`tensorboard --logdir output/`), and a PNG of the loss curves (loss_curves.png) at the end of a run.
+copied to output_dir/log.txt, the same record as a JSON line in log.jsonl together with every iteration's losses
+and lr since the previous line ("per_iter"), TensorBoard event files when tensorboard is installed
+(`tensorboard --logdir output/`), and the loss curves drawn with matplotlib (loss_curves.png) at the end of a run.
 
     log = TrainLog(cfg, rank, world_size, start_iter)
     log.begin(device, resumed)           # the first console line; config and versions as the first JSON line
-    log.add(losses)                      # every iteration: the loss dict, kept on the device (no sync)
+    log.add(losses, lr)                  # every iteration: the loss dict, kept on the device (no sync)
     log.write(it, lr, time, data, mem, skipped)   # every log_period: reduce over ranks, print, write
     log.eval(it, metrics)                # an evaluation's numbers
     log.close()                          # the PNG; log.txt and TensorBoard closed
@@ -18,6 +19,7 @@ import os
 import platform
 import sys
 
+import numpy as np
 import torch
 
 import launch
@@ -46,7 +48,8 @@ class _Tee:
 class TrainLog:
     def __init__(self, cfg, rank, world_size, start_iter):
         self.cfg, self.rank, self.world_size, self.start_iter = cfg, rank, world_size, start_iter
-        self.window = collections.deque(maxlen=WINDOW)  # per-iteration loss vectors, on the device
+        self.window = collections.deque(maxlen=WINDOW)  # per-iteration loss vectors averaged over ranks, on the CPU
+        self.pending, self.lrs = [], []  # the iterations since the last log line: loss vectors (device) and lrs
         self.total, self.count, self.names = None, 0, None
         self.stdout, self.tb = None, None
         if rank != 0:
@@ -76,28 +79,35 @@ class TrainLog:
             with open(os.path.join(self.cfg.output_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def add(self, losses):
+    def add(self, losses, lr):
         values = torch.stack([v.detach().float() for v in losses.values()])
         self.names = list(losses)
-        self.window.append(values)
+        self.pending.append(values)
+        self.lrs.append(lr)
         self.total = values if self.total is None else self.total + values
         self.count += 1
 
     def write(self, it, lr, iter_time, data_time, memory_mb, skipped):
         """One log line: each loss's median over the window and its average since the start, averaged over
-        ranks; iteration and data times in seconds (evaluations excluded); skipped images summed over ranks."""
-        stats = torch.cat([torch.stack(list(self.window)), self.total[None] / self.count])  # (w + 1, terms)
+        ranks; iteration and data times in seconds (evaluations excluded); skipped images summed over ranks;
+        "per_iter": each iteration's losses (averaged over ranks) and lr since the previous line, 6 digits."""
+        stats = torch.cat([torch.stack(self.pending), self.total[None] / self.count])  # (n + 1, terms)
         extra = torch.tensor([float(skipped)], device=stats.device)
-        if self.world_size > 1:
+        if self.world_size > 1:  # the one collective of a log line carries the iterations' values too
             flat = launch.all_reduce(torch.cat([stats.flatten() / self.world_size, extra]))
             stats, extra = flat[:-1].view_as(stats), flat[-1:]
         stats = stats.cpu()
-        medians, averages = stats[:-1].median(0).values, stats[-1]
-        loss_median = stats[:-1].sum(1).median().item()
+        rows, averages = stats[:-1], stats[-1]
+        self.window.extend(rows)
+        window = torch.stack(list(self.window))  # (<= WINDOW, terms)
+        medians, loss_median = window.median(0).values, window.sum(1).median().item()
+        per_iter = {n: [float(f"{v:.6g}") for v in column] for n, column in zip(self.names, rows.t().tolist())}
+        per_iter["lr"] = [float(f"{v:.6g}") for v in self.lrs]
+        self.pending, self.lrs = [], []
         record = {"iter": it, "lr": lr, **{n: m.item() for n, m in zip(self.names, medians)},
                   **{f"{n}_avg": a.item() for n, a in zip(self.names, averages)}, "loss": loss_median,
                   "loss_avg": averages.sum().item(), "time": iter_time, "data_time": data_time,
-                  "memory_mb": memory_mb, "skipped_images": int(extra.item())}
+                  "memory_mb": memory_mb, "skipped_images": int(extra.item()), "per_iter": per_iter}
         if self.rank != 0:
             return record
         eta = datetime.timedelta(seconds=int(iter_time * (self.cfg.max_iter - it)))
@@ -131,46 +141,105 @@ class TrainLog:
                 self.tb.close()
 
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+def rolling_median(values, window=WINDOW, chunk=10000):
+    """(N,) float64: at each position the median of the last `window` values (fewer at the start), the lower one
+    of an even count as torch.median takes it, so it equals the log line's median where the log's window is full.
+    Windows are sorted `chunk` at a time, so memory stays at chunk x window values."""
+    x = torch.as_tensor(values, dtype=torch.float64)
+    head = [x[:i + 1].median() for i in range(min(window - 1, len(x)))]
+    tail = [x[i:i + chunk + window - 1].unfold(0, window, 1).median(1).values
+            for i in range(0, len(x) - window + 1, chunk)]
+    return torch.cat(([torch.stack(head)] if head else []) + tail).numpy() if len(x) else x.numpy()
 
 
-def plot_losses(jsonl, png, size=(1000, 500)):
-    """The smoothed losses of every log line in jsonl (all runs in the folder, resumed ones included) against
-    the iteration, drawn with PIL (no plotting library needed)."""
-    from PIL import Image, ImageDraw, ImageFont
-    rows = {}
+def loss_series(jsonl):
+    """What loss_curves.png draws, from a log.jsonl that may hold several runs of one folder: a run starting at
+    iteration s (0 when fresh, else the resumed checkpoint's) replaces every iteration and evaluation after s that
+    earlier runs logged. {"iter": (N,) int, one per iteration with logged losses; "raw": {"loss" (the sum), each
+    term: (N,) each iteration's value, averaged over ranks}; "smoothed": the same keys, rolling_median of raw over
+    "window" iterations: WINDOW as the log's median, or N / 300 on a long run (a thick line of 90k points of a
+    20-iteration median is a band, not a line); "lr": (N,); "evals": [(iteration, its metrics)] in order}."""
+    points, evals = {}, {}
     with open(jsonl) as f:
         for line in f:
             r = json.loads(line)
-            if "loss" in r:
-                rows[r["iter"]] = r  # a resumed run's lines replace the ones it repeats
-    if len(rows) < 2:
-        return
-    its = sorted(rows)
-    keys = ["loss"] + [k for k in rows[its[0]] if k.startswith("loss_") and not k.endswith("_avg")]
-    top = max(max(rows[i][k] for i in its) for k in keys) or 1.0
-    try:
-        font = ImageFont.load_default(size=14)
-    except (TypeError, OSError):
-        font = ImageFont.load_default()
-    w, h, left, right, bottom = size[0], size[1], 60, 190, 40  # the legend sits in the right margin
-    x0, x1, y0, y1 = left, w - right, 30, h - bottom
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    d.text((x0, 6), f"training losses, median of {WINDOW} iterations", fill="black", font=font)
-    d.rectangle([x0, y0, x1, y1], outline="black")
-    for t in range(5):
-        y = y1 - t * (y1 - y0) / 4
-        d.line([(x0 - 4, y), (x0, y)], fill="black")
-        d.text((4, y - 8), f"{top * t / 4:.3g}", fill="black", font=font)
-    d.text((x0, y1 + 8), f"iteration {its[0]}", fill="black", font=font)
-    d.text((x1 - 110, y1 + 8), f"iteration {its[-1]}", fill="black", font=font)
+            if "config" in r:
+                start = r.get("resumed_from") or 0
+                points = {i: p for i, p in points.items() if i <= start}
+                evals = {i: m for i, m in evals.items() if i <= start}
+            elif "per_iter" in r:
+                per, n = r["per_iter"], len(r["per_iter"]["lr"])
+                for k in range(n):
+                    points[r["iter"] - n + 1 + k] = {key: v[k] for key, v in per.items()}
+            elif r.get("eval"):
+                evals[r["iter"]] = r["eval"]
+    its = sorted(points)
+    terms = [k for k in points[its[0]] if k != "lr"] if its else []
+    raw = {t: np.array([points[i][t] for i in its], dtype=np.float64) for t in terms}
+    raw = {"loss": sum(raw.values()) if terms else np.zeros(0), **raw}
+    window = max(WINDOW, len(its) // 300)
+    return {"iter": np.array(its, dtype=np.int64), "raw": raw, "window": window,
+            "smoothed": {t: rolling_median(v, window) for t, v in raw.items()},
+            "lr": np.array([points[i]["lr"] for i in its], dtype=np.float64), "evals": sorted(evals.items())}
 
-    def xy(i, v):
-        return x0 + (i - its[0]) / max(its[-1] - its[0], 1) * (x1 - x0), y1 - v / top * (y1 - y0)
-    for k, key in enumerate(keys):
-        colour = COLOURS[k % len(COLOURS)]
-        d.line([xy(i, rows[i][key]) for i in its], fill=colour, width=2)
-        d.line([(x1 + 12, y0 + 10 + 20 * k), (x1 + 32, y0 + 10 + 20 * k)], fill=colour, width=3)
-        d.text((x1 + 38, y0 + 2 + 20 * k), key, fill="black", font=font)
-    img.save(png)
+
+def plot_losses(jsonl, png):
+    """loss_curves.png of loss_series(jsonl), 1500 x 800 pixels for 4 terms: a panel per term and one for their
+    sum (lr on its right axis), each iteration as a thin light line and the smoothed median as a thick one on a log
+    scale; dotted lines where an evaluation ran, and a last panel of the evaluations' AP, AP50 and AP75. Drawn on
+    matplotlib's Agg canvas, so the user's backend and pyplot state are left alone; nothing for under 2 points."""
+    s = loss_series(jsonl)
+    if len(s["iter"]) < 2:
+        return
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    rows = (len(s["raw"]) + 3) // 3  # the terms, their sum and the evaluations, 3 panels a row
+    fig = Figure(figsize=(15, 4 * rows), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, 3, sharex=True).flatten()
+    its, eval_its = s["iter"], [i for i, _ in s["evals"]]
+    for k, (ax, term) in enumerate(zip(axes, s["raw"])):
+        colour = "black" if term == "loss" else f"C{k - 1}"
+        ax.plot(its, s["raw"][term], color=colour, lw=0.6, alpha=0.35)
+        ax.plot(its, s["smoothed"][term], color=colour, lw=2)
+        ax.set_yscale("log", nonpositive="mask")  # a loss can be exactly 0 (no positive anchor): not drawn
+        positive = s["raw"][term][s["raw"][term] > 0]
+        if positive.size:  # an iteration far below every median would stretch the log scale: it leaves the frame
+            ax.set_ylim(bottom=max(positive.min(), s["smoothed"][term].min() / 5) / 1.2)
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_title("loss (sum of the terms)" if term == "loss" else term)
+        ax.grid(True, which="major", alpha=0.3)
+        for i in eval_its:
+            ax.axvline(i, color="0.5", ls=":", lw=1)
+    total = axes[0]
+    lr_ax = total.twinx()
+    lr_ax.plot(its, s["lr"], color="C4", lw=1.2, ls="--")
+    lr_ax.set_ylim(0, s["lr"].max() * 1.1 or 1)
+    lr_ax.yaxis.set_major_formatter(plain)
+    lr_ax.set_ylabel("learning rate", color="C4")
+    key = [Line2D([], [], color="0.3", lw=0.6, alpha=0.6), Line2D([], [], color="0.3", lw=2),
+           Line2D([], [], color="C4", lw=1.2, ls="--"), Line2D([], [], color="0.5", ls=":", lw=1)]
+    fig.legend(key, ["each iteration (averaged over ranks)", f"median of the last {s['window']}",
+                     "learning rate (right axis of the sum)", "evaluation"], loc="outside upper center", ncols=4)
+    ev = axes[-1]
+    if s["evals"]:
+        for key in ("AP", "AP50", "AP75"):
+            values = [m[key] for _, m in s["evals"]]
+            ev.plot(eval_its, values, marker="o", label=f"{key} (last {values[-1]:.3f})")
+        ev.set_ylim(0, 1)
+        ev.legend(loc="upper left", fontsize=9)
+        ev.set_title(f"evaluation on {s['evals'][-1][1].get('split', 'val')}")
+    else:
+        ev.text(0.5, 0.5, "no evaluation logged yet", ha="center", va="center", transform=ev.transAxes)
+        ev.set_title("evaluation")
+    ev.grid(True, alpha=0.3)
+    ev.tick_params(labelbottom=True)
+    for ax in axes[len(s["raw"]):-1]:
+        ax.set_visible(False)
+    fig.supxlabel("iteration")
+    launch.atomic_write(png, lambda f: fig.savefig(f, format="png"))

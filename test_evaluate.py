@@ -321,3 +321,101 @@ def test_images_take_several_paths_and_evaluation_writes_beside_the_training(dem
     assert json.load(open(beside / "metrics_val2017.json"))["images"] == 8 and len(os.listdir(beside / "vis")) == 1
     assert (tmp_path / "train" / "metrics_val2017.json").read_text() == "the training's own"  # not written over
 
+
+# ---- per-class results
+
+def per_class_set(tmp_path, seed=0):
+    """(annotation file, detections) with per-class APs that differ: "sharp" found with little noise, "blurry" with
+    much, "missed" never detected, "absent" without ground truth but detected; a crowd box of "sharp" in image 1."""
+    rng = random.Random(seed)
+    cats = [{"id": i, "name": n} for i, n in [(1, "sharp"), (3, "blurry"), (4, "missed"), (7, "absent")]]
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 200, "height": 150} for i in range(1, 7)]
+    anns, dets = [], []
+    for img in images:
+        for cat, count, noise in [(1, 2, 0.03), (3, 2, 0.25), (4, 1, None)]:
+            for _ in range(count):
+                w, h = rng.uniform(20, 60), rng.uniform(20, 60)
+                x, y = rng.uniform(0, 200 - w), rng.uniform(0, 150 - h)
+                anns.append({"id": len(anns) + 1, "image_id": img["id"], "category_id": cat, "bbox": [x, y, w, h],
+                             "area": w * h, "iscrowd": 0})
+                if noise is not None:
+                    size = [v * rng.uniform(1 - noise, 1 + noise) for v in (w, h)]
+                    dets.append({"image_id": img["id"], "category_id": cat, "score": rng.random(),
+                                 "bbox": [x + rng.gauss(0, noise * w), y + rng.gauss(0, noise * h), *size]})
+        for cat in (1, 3, 7):  # a false positive of each detected class
+            dets.append({"image_id": img["id"], "category_id": cat, "score": rng.random(),
+                         "bbox": [rng.uniform(0, 140), rng.uniform(0, 90), rng.uniform(10, 60), rng.uniform(10, 60)]})
+    anns.append({"id": len(anns) + 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 100, 100], "area": 1e4,
+                 "iscrowd": 1})
+    path = str(tmp_path / "per_class.json")
+    with open(path, "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": cats}, f)
+    return path, dets
+
+
+def evaluators():
+    """(name, COCO, COCOeval) of every evaluator of coco_evaluator's chain that is installed."""
+    out = [pycocotools()]
+    if installed("hotcoco"):
+        import hotcoco
+        out.append(("hotcoco", hotcoco.COCO, hotcoco.COCOeval))
+    if installed("faster_coco_eval"):
+        from faster_coco_eval import COCO, COCOeval_faster
+        out.append(("faster-coco-eval", COCO, COCOeval_faster))
+    return out
+
+
+@pytest.mark.parametrize("which", ["pycocotools", "hotcoco", "faster-coco-eval"])
+def test_per_class_ap_equals_pycocotools_precision(tmp_path, which):
+    evaluator = {e[0]: e for e in evaluators()}.get(which)
+    if evaluator is None:
+        pytest.skip(f"{which} is not installed")
+    ann, dets = per_class_set(tmp_path)
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(ann)
+        e = COCOeval(gt, gt.loadRes(dets), "bbox")
+        e.evaluate()
+        e.accumulate()
+        stats, per_class, pr = evaluate.coco_eval(ann, dets, evaluator)
+    ref = e.eval["precision"][:, :, :, 0, 2]  # (T, R, K): area "all", maxDets 100
+    assert e.params.areaRngLbl[0] == "all" and e.params.maxDets[2] == 100
+    assert list(e.params.iouThrs[[0, 5]]) == [0.5, 0.75]
+
+    def ap(p):  # detectron2's per-category AP (evaluation/coco_evaluation.py), -1 for its NaN
+        return float(p[p > -1].mean()) if (p > -1).any() else -1.0
+    assert [c["id"] for c in per_class] == [1, 3, 4, 7] and [c["name"] for c in per_class][0] == "sharp"
+    for k, c in enumerate(per_class):
+        for key, p in (("AP", ref[:, :, k]), ("AP50", ref[0, :, k]), ("AP75", ref[5, :, k])):
+            assert c[key] == pytest.approx(ap(p), abs=1e-12), (c, key)
+    assert np.allclose(pr["precision"], ref, rtol=0, atol=1e-12)
+    sharp, blurry, missed, absent = per_class
+    assert 0 < blurry["AP"] < sharp["AP"] < 1 and blurry["AP50"] > blurry["AP75"]  # they differ, as built
+    assert missed["AP"] == missed["AP50"] == 0 and absent["AP"] == absent["AP50"] == absent["AP75"] == -1
+    assert [c["gt_boxes"] for c in per_class] == [12, 12, 6, 0]  # 2, 2 and 1 per image; the crowd box not counted
+    assert stats["AP"] == pytest.approx(np.mean([c["AP"] for c in per_class[:3]]), abs=1e-12)
+
+
+def test_per_class_without_detections(tmp_path):
+    ann, _ = per_class_set(tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        stats, per_class, pr = evaluate.coco_eval(ann, [], pycocotools())
+    assert stats["AP"] == 0 and [c["AP"] for c in per_class] == [0, 0, 0, -1]
+    assert pr["precision"].shape == (10, 101, 4) and (pr["precision"][:, :, 3] == -1).all()
+
+
+def test_per_class_table_columns():
+    few = [{"id": 1, "name": "a", "AP": 0.5, "AP50": 0.75, "AP75": 0.125, "gt_boxes": 3},
+           {"id": 2, "name": "b", "AP": -1, "AP50": -1, "AP75": -1, "gt_boxes": 0}]
+    assert evaluate.per_class_table(few).splitlines() == ["class    AP  AP50  AP75     gt",
+                                                          "a     0.500 0.750 0.125      3",
+                                                          "b         -     -     -      0"]
+    many = [{"id": i, "name": n, "AP": i / 100, "AP50": 0.5, "AP75": 0.25, "gt_boxes": i * 7}
+            for i, n in zip(evaluate.COCO_IDS, evaluate.COCO_NAMES)]
+    lines = evaluate.per_class_table(many).splitlines()
+    assert len(lines) == 1 + 40 and len(lines[0]) <= 120 and lines[0].count("class") == 2  # 2 columns of 40
+    assert len({len(line) for line in lines}) == 1  # aligned
+    cells = [line.split(" | ")[col] for col in range(2) for line in lines[1:]]  # down each column
+    assert [cell[:15].strip() for cell in cells] == evaluate.COCO_NAMES  # in category id order
+    assert cells[-1] == "toothbrush     0.900 0.500 0.250    630"  # id 90: AP 0.9, 630 boxes

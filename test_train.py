@@ -19,6 +19,7 @@ import torch
 import checkpoint
 import config
 import data
+import logger
 import train
 from conftest import HERE, TINY, free_port, run, train_cmd
 
@@ -74,6 +75,8 @@ def test_resume_gives_the_same_weights(demo_root, tmp_path):
     log = [json.loads(line) for line in open(os.path.join(a, "log.jsonl"))]
     assert "config" in log[0] and [r["iter"] for r in log if "loss" in r] == [1, 2, 3, 4]
     assert "AP50" in log[-1]["eval"]
+    sa, sb = (logger.loss_series(os.path.join(out, "log.jsonl")) for out in (a, b))
+    assert sb["iter"].tolist() == [1, 2, 3, 4] and sb["raw"]["loss"].tolist() == sa["raw"]["loss"].tolist()
 
 
 @pytest.mark.slow
@@ -86,6 +89,8 @@ def test_torchrun_two_processes(demo_root, tmp_path):
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    s = logger.loss_series(os.path.join(out, "log.jsonl"))  # log_period 1: each median is that iteration's mean
+    assert s["raw"]["loss"] == pytest.approx(losses, rel=1e-5)
     assert glob.glob(os.path.join(out, "model_0000002.pth"))
 
 
@@ -248,8 +253,62 @@ def test_outputs_and_the_smoothed_log(demo_root, tmp_path, monkeypatch):
     final = checkpoint.load(os.path.join(out, "model_final.pth"))
     assert [c["name"] for c in final["categories"]] == ["rectangle", "ellipse", "triangle"]
     assert "optimizer" not in final and config.from_dict(final["config"]).max_iter == 24
+    metrics = json.load(open(os.path.join(out, "metrics_val2017.json")))  # the per-class results, printed too
+    assert [c["name"] for c in metrics["per_class"]] == ["rectangle", "ellipse", "triangle"]
+    assert "per-class AP of val2017" in txt and re.search(r"\ntriangle +(\d\.\d{3}|-) ", txt)
+    for name, size in (("loss_curves.png", (1500, 800)), ("pr_curves.png", (1500, 600))):
+        assert png_size(os.path.join(out, name)) == size, name
+    # what loss_curves.png draws: one point per iteration, each iteration's own losses and lr, and the log's medians
+    s = logger.loss_series(os.path.join(out, "log.jsonl"))
+    assert s["iter"].tolist() == list(range(1, 25)) and list(s["raw"]) == ["loss", *seen[0]]
+    for name in seen[0]:
+        assert s["raw"][name] == pytest.approx([x[name] for x in seen], rel=1e-5, abs=1e-9), name
+    assert s["raw"]["loss"] == pytest.approx([sum(x.values()) for x in seen], rel=1e-5)
+    cfg = config.from_dict(records[0]["config"])
+    assert s["lr"] == pytest.approx([train.get_lr(it, cfg) for it in range(24)], rel=1e-5)
+    assert s["window"] == logger.WINDOW
+    for r in lines:  # the thick line passes through every logged median
+        for name in ("loss", *seen[0]):
+            assert s["smoothed"][name][r["iter"] - 1] == pytest.approx(r[name], rel=1e-5), (r["iter"], name)
+    assert [i for i, _ in s["evals"]] == [8, 16, 24] and s["evals"][-1][1]["AP"] == metrics["AP"]
+
+
+def png_size(path):
+    """(width, height) of a PNG file, after PIL has checked it whole."""
     from PIL import Image
-    assert Image.open(os.path.join(out, "loss_curves.png")).size == (1000, 500)
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        img.verify()
+        return img.size
+
+
+def test_loss_series_takes_each_run_of_a_folder_from_where_it_started(tmp_path):
+    """A resumed run replaces what the earlier run logged after its checkpoint (losses and evaluations); a fresh run
+    in the same folder replaces everything. Records written by hand, as TrainLog writes them."""
+    def line(it, *values, lr=0.1):
+        per = {"loss_a": list(values), "loss_b": [1.0] * len(values), "lr": [lr] * len(values)}
+        return {"iter": it, "loss_a": values[-1], "loss": values[-1] + 1, "per_iter": per}
+    first = [{"config": {}, "resumed_from": None}, line(2, 0.9, 0.8), line(4, 0.7, 0.6),
+             {"iter": 4, "eval": {"AP": 0.1}}, line(6, 0.5, 0.4)]
+    resumed = [{"config": {}, "resumed_from": 2}, line(4, 0.75, 0.65, lr=0.01), line(5, 0.55, lr=0.01)]
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in first + resumed))
+    s = logger.loss_series(str(path))
+    assert s["iter"].tolist() == [1, 2, 3, 4, 5]  # iteration 6 of the first run is gone, and its evaluation at 4
+    assert s["raw"]["loss_a"].tolist() == [0.9, 0.8, 0.75, 0.65, 0.55] and s["evals"] == []
+    assert s["raw"]["loss"].tolist() == pytest.approx([1.9, 1.8, 1.75, 1.65, 1.55])
+    assert s["lr"].tolist() == [0.1, 0.1, 0.01, 0.01, 0.01]
+    assert s["smoothed"]["loss_a"].tolist() == [0.9, 0.8, 0.8, 0.75, 0.75]  # lower median of what came before
+    with open(path, "a") as f:
+        f.write(json.dumps({"config": {}, "resumed_from": None}) + "\n" + json.dumps(line(1, 0.3)) + "\n")
+    assert logger.loss_series(str(path))["raw"]["loss_a"].tolist() == [0.3]
+
+
+def test_rolling_median_is_torch_median_of_the_last_window():
+    x = torch.rand(57, generator=torch.Generator().manual_seed(0)).tolist()
+    got = logger.rolling_median(x, window=20, chunk=7)
+    assert got.tolist() == [torch.tensor(x[max(0, i - 19):i + 1], dtype=torch.float64).median().item()
+                            for i in range(57)]
 
 
 def test_proposal_cap_scales_with_images_per_device(capsys):

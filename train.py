@@ -207,7 +207,7 @@ def main(argv=None):
                 lr = get_lr(it, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group["lr_factor"]
-                log.add(train_step(ddp, optimizer, scaler, images, image_sizes, targets, it, cfg))
+                log.add(train_step(ddp, optimizer, scaler, images, image_sizes, targets, it, cfg), lr)
                 iter_time += time.time() - end
                 done = it + 1
                 if done % cfg.log_period == 0 or done == cfg.max_iter:
