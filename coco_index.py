@@ -201,12 +201,14 @@ def _is_scalar_id(v):
 
 def _categories(ann, cats):
     """(category ids in the file's order, names with "__background__" first): label = 1 + position (pycocotools'
-    getCatIds order). An id is an integer or a string, used consistently; it is written back as given."""
+    getCatIds order). Ids are all integers or all strings; results are written with them as given."""
     for k, c in enumerate(cats):
         if not _is_scalar_id(c.get("id")) or type(c.get("name")) is not str:
             raise DataError(f"{ann}: category #{k} {c!r} needs an 'id' (an integer or a string) and a 'name' (a "
                             f"string)")
     ids = [c["id"] for c in cats]
+    if len(set(map(type, ids))) > 1:  # pycocotools' COCOeval sorts them
+        raise DataError(f"{ann}: category ids mix integers and strings ({ids[:6]!r}); use one kind for all")
     repeated = next((i for i, n in collections.Counter(ids).items() if n > 1), None)
     if repeated is not None:
         raise DataError(f"{ann}: category id {repeated!r} is listed {ids.count(repeated)} times in 'categories'")

@@ -141,21 +141,25 @@ def draw(path, det, names, out_path, min_score):
     img.save(out_path, quality=90)
 
 
-def coco_evaluator():
+def coco_evaluator(plain_ids=True):
     """(name, COCO, COCOeval) of the fastest installed evaluator that gives pycocotools' numbers: hotcoco
-    (test_evaluate.py), else faster-coco-eval, else pycocotools itself."""
+    (test_evaluate.py), else faster-coco-eval, else pycocotools itself, which alone reads a json whose ids are not
+    all non-negative integers (plain_ids False: string category ids, say)."""
     try:
-        import hotcoco
-        return "hotcoco", hotcoco.COCO, hotcoco.COCOeval
+        if plain_ids:
+            import hotcoco
+            return "hotcoco", hotcoco.COCO, hotcoco.COCOeval
     except ImportError:
         pass
     try:
-        from faster_coco_eval import COCO, COCOeval_faster
-        return "faster-coco-eval", COCO, COCOeval_faster
+        if plain_ids:
+            from faster_coco_eval import COCO, COCOeval_faster
+            return "faster-coco-eval", COCO, COCOeval_faster
     except ImportError:
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-        return "pycocotools", COCO, COCOeval
+        pass
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    return "pycocotools", COCO, COCOeval
 
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -179,7 +183,7 @@ def coco_eval(ann_file, results, evaluator=None):
         e.accumulate()
         e.summarize()
         p = e.params
-        assert [int(c) for c in p.catIds] == cat_ids, (p.catIds, cat_ids)
+        assert list(p.catIds) == cat_ids, (p.catIds, cat_ids)
         stats = dict(zip(STAT_NAMES, map(float, list(e.stats)[:12])))
         iou, recall = np.asarray(p.iouThrs, dtype=float), np.asarray(p.recThrs, dtype=float)
         precision = np.asarray(e.eval["precision"])[:, :, :, list(p.areaRngLbl).index("all"),
@@ -277,7 +281,7 @@ def evaluate_coco(net, cfg, device, rank=0, world_size=1):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"coco_results_{split}.json"), "w") as f:
         json.dump(results, f)
-    evaluator = coco_evaluator()
+    evaluator = coco_evaluator(ds.plain_ids)
     stats, per_class, pr = coco_eval(ds.ann_file, results, evaluator)
     metrics = {"split": split, "images": len(ds), "detections": len(results), "evaluator": evaluator[0], **stats,
                "per_class": per_class}

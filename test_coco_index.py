@@ -409,19 +409,20 @@ def test_repeated_image_id_is_named(tmp_path, index_cache):
 
 
 def test_string_category_ids_map_to_labels_and_back(tmp_path, index_cache):
-    cats = [{"id": "cat-b", "name": "b"}, {"id": "cat-a", "name": "a"}, {"id": 3, "name": "c"}]
+    cats = [{"id": "cat-b", "name": "b"}, {"id": "cat-a", "name": "a"}, {"id": "3", "name": "c"}]
     write_json(tmp_path, {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}],
-                          "annotations": [ann(1, 1, [2, 3, 10, 8], cat="cat-a"), ann(2, 1, [5, 5, 9, 9], cat=3)],
+                          "annotations": [ann(1, 1, [2, 3, 10, 8], cat="cat-a"), ann(2, 1, [5, 5, 9, 9], cat="3")],
                           "categories": cats})
     ds = dataset(str(tmp_path), True)
-    assert ds.cat_ids == ["cat-b", "cat-a", 3] and ds.labels[0].tolist() == [2, 3]  # label = 1 + position
-    assert ds.label_to_cat_id == {1: "cat-b", 2: "cat-a", 3: 3} and not ds.plain_ids  # hotcoco cannot read them
+    assert ds.cat_ids == ["cat-b", "cat-a", "3"] and ds.labels[0].tolist() == [2, 3]  # label = 1 + position
+    assert ds.label_to_cat_id == {1: "cat-b", 2: "cat-a", 3: "3"} and not ds.plain_ids  # hotcoco cannot read them
     write_json(tmp_path, {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}],
                           "annotations": [ann(1, 1, [2, 3, 10, 8], cat="cat-c")], "categories": cats})
     with pytest.raises(coco_index.DataError, match=r"annotation 1 \(#0 of 'annotations', image 1\) has category_id "
                                                    r"'cat-c', which 'categories' does not list"):
         dataset(str(tmp_path), True)
-    for bad in ([{"id": 1.5, "name": "a"}], [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}], [{"id": 1}]):
+    for bad in ([{"id": 1.5, "name": "a"}], [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}], [{"id": 1}],
+                [{"id": 1, "name": "a"}, {"id": "2", "name": "b"}]):
         write_json(tmp_path, {"images": [], "annotations": [], "categories": bad})
         with pytest.raises(coco_index.DataError, match=r"categor"):
             dataset(str(tmp_path), False)

@@ -357,6 +357,15 @@ def test_fine_tune_own_data_with_other_ids_and_classes(demo_root, tmp_path, monk
     train_in_process(own, first, *split, "max_iter=2")
     results = json.load(open(os.path.join(first, "coco_results_shapes_val.json")))
     assert results and {r["category_id"] for r in results} <= {7, 42, 1000}
+    # string category ids (the README's "any ids"): labels by position, written back as given, pycocotools' metric
+    # (hotcoco reads integer ids only), equal to pycocotools' own run on the results written
+    named = relabel(demo_root, str(tmp_path / "named"), ["cat-7", "dog", "b1rd"], ["cat", "dog", "bird"])
+    metrics = train_in_process(named, str(tmp_path / "named_out"), *split, "max_iter=2", "score_thresh=0.0")
+    results = json.load(open(os.path.join(tmp_path, "named_out", "coco_results_shapes_val.json")))
+    assert results and {r["category_id"] for r in results} <= {"cat-7", "dog", "b1rd"}
+    assert metrics["evaluator"] == "pycocotools" and [c["id"] for c in metrics["per_class"]] == ["b1rd", "cat-7", "dog"]
+    ann = os.path.join(named, "annotations", "instances_shapes_val.json")
+    assert evaluate.coco_stats(ann, results, evaluate.coco_evaluator(False))["AP"] == metrics["AP"]
     # fine-tune its model_final.pth on a 2-class set: the predictor is skipped, saying so
     two = relabel(demo_root, str(tmp_path / "two"), [5, 9], ["round", "sharp"])
     tuned = str(tmp_path / "tuned")
