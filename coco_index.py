@@ -371,5 +371,6 @@ def per_image(arrays, rows):
     """(boxes, labels, sizes, files) of the images at rows: sequences over the flat arrays whose item i is image
     rows[i]'s (G, 4) float32 boxes and (G,) labels (writable copies), its (w, h) and its file name."""
     a, lo, hi = arrays, arrays["box_off"][rows], arrays["box_off"][rows + 1]
-    return (_SlicedArray(a["boxes"], lo, hi, _copy), _SlicedArray(a["labels"], lo, hi, _copy), _SlicedArray(a["sizes"], rows, rows + 1, _size),
+    return (_SlicedArray(a["boxes"], lo, hi, _copy), _SlicedArray(a["labels"], lo, hi, _copy),
+            _SlicedArray(a["sizes"], rows, rows + 1, _size),
             _SlicedArray(a["name_buf"], a["name_off"][rows], a["name_off"][rows + 1], _file_name))

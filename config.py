@@ -274,7 +274,7 @@ def validate(cfg):
                               + ", ".join(repr(c) for c in choices))
     for f in dataclasses.fields(cfg):  # nan and inf pass every comparison below, or fail it in silence
         value = getattr(cfg, f.name)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else [value])):
             raise ConfigError(f"config field {f.name!r} is {value!r}; it must be a finite number")
     for name, (low, high, what) in RANGES.items():
         value = getattr(cfg, name)

@@ -123,9 +123,10 @@ def _plain_mode(self_test):
 @_plain_mode
 def self_test_nms(run, reference, device):
     """'' when `run(boxes, scores, iou_threshold, offset)` on `device` keeps what `reference` (the CPU kernels, same
-    signature, CPU tensors) keeps, in the same order, else what differed. ~200 random boxes on a 1/16 grid (so the legacy +1 shift is exact) with duplicates,
-    tied and zero scores and degenerate boxes, plus pairs whose IoU sits at and next to the threshold; thresholds
-    0.3, 0.5, 0.6, 0.7 (float32 above, exact, above, below the real value), offsets 0 and 1."""
+    signature, CPU tensors) keeps, in the same order, else what differed. ~200 random boxes on a 1/16 grid (so the
+    legacy +1 shift is exact) with duplicates, tied and zero scores and degenerate boxes, plus pairs whose IoU sits
+    at and next to the threshold; thresholds 0.3, 0.5, 0.6, 0.7 (float32 above, exact, above, below the real
+    value), offsets 0 and 1."""
     gen = torch.Generator().manual_seed(0)
     xy = torch.rand(160, 2, generator=gen) * 300
     rand = torch.cat([xy, xy + torch.rand(160, 2, generator=gen) * 80 + 1], 1).mul(16).round().div(16)
@@ -153,9 +154,10 @@ ROI_TOLERANCE = 1e-3  # absolute, float32, forward and input gradient; the value
 @_plain_mode
 def self_test_roi_align(run, reference, device):
     """'' when `run(input, rois, output_size, spatial_scale, sampling_ratio, aligned)` on `device` matches
-    `reference` (the CPU kernels, same signature), forward and input gradient, within ROI_TOLERANCE, else what differed. The model's own settings: two
-    images with RoIs on image 1 too, 12 RoIs, 64 channels, scales 1/4 and 1/16, sampling 2 and adaptive (-1), aligned
-    both ways; RoIs inside the image, crossing its far edge, and (aligned=False) zero-width and inverted."""
+    `reference` (the CPU kernels, same signature), forward and input gradient, within ROI_TOLERANCE, else what
+    differed. The model's own settings: two images with RoIs on image 1 too, 12 RoIs, 64 channels, scales 1/4 and
+    1/16, sampling 2 and adaptive (-1), aligned both ways; RoIs inside the image, crossing its far edge, and
+    (aligned=False) zero-width and inverted."""
     gen = torch.Generator().manual_seed(1)
     for scale in (1 / 4, 1 / 16):
         h, w = int(96 * scale) + 1, int(128 * scale) + 1  # a 96x128 image's feature map

@@ -481,7 +481,8 @@ def test_unknown_category_and_bad_bbox_name_annotation_and_image(tmp_path):
              (ann(6, 1, [1, 2], iscrowd=1), r"annotation 6 \(#1 of 'annotations', image 1\): 'bbox'")]
     nobox = ann(6, 1, None)
     del nobox["bbox"]
-    cases.append((nobox, r"annotation 6 \(#1 of 'annotations', image 1\): 'bbox' must be 4 numbers \[x, y, w, h\], got None"))
+    cases.append((nobox, r"annotation 6 \(#1 of 'annotations', image 1\): 'bbox' must be 4 numbers \[x, y, w, h\], "
+                         r"got None"))
     for k, (a, message) in enumerate(cases):
         root = write_split(tmp_path / str(k), [(1, "1.png", noisy())], [ann(1, 1, [1, 1, 9, 9]), a])
         for train in (True, False):

@@ -73,12 +73,24 @@ def proposal_cap(cfg, world_size, verbose):
     return dataclasses.replace(cfg, fpn_post_nms_top_n_train=n)
 
 
+def make_scaler(cfg, device):
+    """fp16's GradScaler, else None. torch.amp.GradScaler(device) is torch 2.3+; each device module's own before."""
+    if cfg.amp != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type) if hasattr(torch.amp, "GradScaler") else \
+        getattr(torch, device.type).amp.GradScaler()
+
+
 def init_weights(net, cfg, resume, rank):
-    """(start iteration, checkpoint state or None): the newest checkpoint in output_dir with --resume, else
-    cfg.weights; a config that freezes layers refuses to start from random weights."""
+    """(start iteration, checkpoint state or None): the newest checkpoint in output_dir with --resume (one past
+    max_iter is said), else cfg.weights; a config that freezes layers refuses to start from random weights."""
     path, state = checkpoint.latest_training(cfg.output_dir) if resume else (None, None)
     if path:
         checkpoint.load_state(net, checkpoint.model_state(state), repr(path))
+        if state["iteration"] > cfg.max_iter and rank == 0:
+            print(f"train: the newest checkpoint in {cfg.output_dir} is at iteration {state['iteration']}, past "
+                  f"max_iter={cfg.max_iter}: nothing to do. Raise max_iter to train on; evaluate it with python "
+                  f"evaluate.py --ckpt {path}", flush=True)
         return state["iteration"], state
     if resume and rank == 0:
         print(f"train: --resume found no checkpoint in {cfg.output_dir}: starting from iteration 0")
@@ -170,16 +182,9 @@ def main(argv=None):
         # ---- model, optimizer, resume or initial weights, data
         net = model.build_model(cfg).to(device)
         optimizer = make_optimizer(net, cfg)
-        scaler = None
-        if cfg.amp == "fp16":  # torch.amp.GradScaler(device) is torch 2.3+; each device module's own before that
-            scaler = (torch.amp.GradScaler(device.type) if hasattr(torch.amp, "GradScaler")
-                      else getattr(torch, device.type).amp.GradScaler())
+        scaler = make_scaler(cfg, device)
         start_iter, state = init_weights(net, cfg, args.resume, rank)
         if start_iter > cfg.max_iter:  # a finished run resumed with a shorter schedule: nothing to train or to write
-            if rank == 0:
-                print(f"train: the newest checkpoint in {cfg.output_dir} is at iteration {start_iter}, past max_iter="
-                      f"{cfg.max_iter}: nothing to do. Raise max_iter to train on; evaluate it with python evaluate.py "
-                      f"--ckpt {checkpoint.training_checkpoints(cfg.output_dir)[0]}", flush=True)
             launch.finish(world_size)
             return None
         if state:
@@ -231,8 +236,8 @@ def main(argv=None):
             if rank == 0:
                 checkpoint.save(os.path.join(cfg.output_dir, "model_final.pth"), net, cfg,
                                 categories=data.categories(loader.dataset))
-                print(f"train: done; model_final.pth, log.txt, log.jsonl, loss_curves.png and the evaluation's results "
-                      f"are in {cfg.output_dir}")
+                print(f"train: done; model_final.pth, log.txt, log.jsonl, loss_curves.png and the evaluation's "
+                      f"results are in {cfg.output_dir}")
         finally:
             stop.restore()
             log.close()
