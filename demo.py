@@ -99,11 +99,12 @@ def _recipe(k, count, seed):
 def _is_written(root, split, k, count, seed):
     """The split's json exists, says it was written by this recipe, and all its images are there."""
     ann_path = os.path.join(root, "annotations", f"instances_{split}.json")
-    if not os.path.isfile(ann_path):
+    try:
+        with open(ann_path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):  # absent, or not ours to trust: written anew
         return False
-    with open(ann_path) as f:
-        old = json.load(f)
-    return old.get("info", {}).get("description") == _recipe(k, count, seed) and all(
+    return isinstance(old, dict) and old.get("info", {}).get("description") == _recipe(k, count, seed) and all(
         os.path.isfile(os.path.join(root, split, i["file_name"])) for i in old["images"])
 
 

@@ -326,6 +326,9 @@ def run_images(args, net, cfg, device, categories, rank, world_size):
     """Detections on the --images files into the --output json (the checkpoint's category ids), drawn into --vis
     (its class names) when given."""
     paths, base = image_paths(args.images)
+    if os.path.isdir(args.output):
+        raise config.UserError(f"--output {args.output} is a folder; name the json file to write (--output "
+                               f"{os.path.join(args.output, 'dets.json')})")
     for folder in [os.path.dirname(os.path.abspath(args.output))] + ([args.vis] if args.vis else []):
         try:  # before any inference: a bad path fails now, not after an hour
             os.makedirs(folder, exist_ok=True)

@@ -54,6 +54,12 @@ class TrainLog:
         self.stdout, self.tb = None, None
         if rank != 0:
             return
+        with open(os.path.join(cfg.output_dir, "log.jsonl"), "ab+") as f:  # a killed run's last line may be cut
+            end = f.seek(0, os.SEEK_END)                                      # short: keep this run's lines off it
+            if end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
         self.txt = open(os.path.join(cfg.output_dir, "log.txt"), "a")
         self.stdout, sys.stdout = sys.stdout, _Tee(sys.stdout, self.txt)
         try:
@@ -162,7 +168,10 @@ def loss_series(jsonl):
     points, evals = {}, {}
     with open(jsonl) as f:
         for line in f:
-            r = json.loads(line)
+            try:
+                r = json.loads(line)
+            except ValueError:  # the last line of a run killed while writing it
+                continue
             if "config" in r:
                 start = r.get("resumed_from") or 0
                 points = {i: p for i, p in points.items() if i <= start}

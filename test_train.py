@@ -282,6 +282,21 @@ def png_size(path):
         return img.size
 
 
+def test_a_log_line_cut_short_by_a_killed_run_spoils_nothing(tmp_path):
+    per = {"loss_a": [0.9, 0.8], "lr": [0.1, 0.1]}
+    whole = json.dumps({"iter": 2, "loss_a": 0.8, "loss": 0.8, "per_iter": per})
+    (tmp_path / "log.jsonl").write_text(json.dumps({"config": {}, "resumed_from": None}) + "\n" + whole + "\n"
+                                        + whole[:30])  # the writer was killed mid-line
+    log = logger.TrainLog(config.get("demo", [f"output_dir={tmp_path}"], verbose=False), 0, 1, 2)
+    log.record({"config": {}, "resumed_from": 2})
+    log.record({"iter": 3, "loss_a": 0.7, "loss": 0.7, "per_iter": {"loss_a": [0.7], "lr": [0.1]}})
+    log.close()  # draws loss_curves.png from the log, cut line and all
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert lines[2] == whole[:30] and json.loads(lines[3]) == {"config": {}, "resumed_from": 2}  # kept apart
+    assert logger.loss_series(str(tmp_path / "log.jsonl"))["raw"]["loss_a"].tolist() == [0.9, 0.8, 0.7]
+    assert (tmp_path / "loss_curves.png").exists()
+
+
 def test_loss_series_takes_each_run_of_a_folder_from_where_it_started(tmp_path):
     """A resumed run replaces what the earlier run logged after its checkpoint (losses and evaluations); a fresh run
     in the same folder replaces everything. Records written by hand, as TrainLog writes them."""
