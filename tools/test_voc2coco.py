@@ -82,6 +82,7 @@ def load(out, split):
 
 def test_newcomer_layout_val_fraction_splits_disjoint_and_complete(tmp_path, capsys):
     src = make_set(tmp_path / "raccoon_src", n=10, images="images", annotations="annotations")
+    write(os.path.join(src, "annotations", "._r0.xml"), "\x00\x05\x16\x07")  # macOS's companion file: skipped
     out = str(tmp_path / "raccoon")
     code, printed, err = convert(capsys, src, out, "--images", "images", "--annotations", "annotations",
                                  "--split", "train", "--split", "val", "--val-fraction", "0.2")
@@ -167,7 +168,7 @@ def test_box_reaching_outside_is_clipped_and_said(tmp_path, capsys):
     code, printed, err = convert(capsys, src, out)
     assert code == 0 and not err
     assert load(out, "train")["annotations"][0]["bbox"] == [0, 1, 40, 29]  # corners 1..40, 2..30
-    assert "1 boxes reaching outside their image, clipped to it" in printed and "0,2,45,30 -> 1,2,40,30" in printed
+    assert "1 box reaching outside the image, clipped to it" in printed and "0,2,45,30 -> 1,2,40,30" in printed
 
 
 def test_xml_without_objects_is_kept_and_said(tmp_path, capsys):
@@ -176,7 +177,7 @@ def test_xml_without_objects_is_kept_and_said(tmp_path, capsys):
     out = str(tmp_path / "out")
     code, printed, _ = convert(capsys, src, out)
     assert code == 0 and len(load(out, "train")["images"]) == 2
-    assert "1 xml files without <object>" in printed and "r1.xml" in printed
+    assert "1 xml file without <object>" in printed and "r1.xml" in printed
 
 
 def test_overlapping_lists_pass_with_allow_overlap(tmp_path, capsys):
@@ -258,13 +259,16 @@ def test_path_faults(tmp_path, capsys):
     os.makedirs(os.path.join(src, "empty"))
     assert "holds no .xml file" in refused(capsys, out, src, "--annotations", "empty")
     assert "cannot be made" in refused(capsys, tmp_path / "file" / "out", src)
+    write(os.path.join(src, "lists"), "r0\n")
+    assert f"the split lists folder {os.path.join(src, 'lists')} is a file" in refused(capsys, out, src, "--sets",
+                                                                                        "lists")
 
 
 def test_output_that_is_a_file_or_read_only_or_taken(tmp_path, capsys, monkeypatch):
     src = make_set(tmp_path / "voc", n=2)
     write(str(tmp_path / "file"), "mine")
     code, printed, err = convert(capsys, src, tmp_path / "file")
-    assert code == 2 and "the output" in err and "is a file" in err and open(tmp_path / "file").read() == "mine"
+    assert code == 2 and "the output" in err and "is a file" in err and (tmp_path / "file").read_text() == "mine"
     taken = tmp_path / "taken"
     os.makedirs(taken / "train")
     code, _, err = convert(capsys, src, taken)

@@ -40,7 +40,8 @@ class VocError(Exception):
 
 
 def _count(n, what):
-    return f"{n} {what}{'' if n == 1 else 's'}"
+    """'1 box', '2 boxes', '3 images'."""
+    return f"{n} {what}" if n == 1 else f"{n} {what}{'es' if what.endswith(('s', 'x')) else 's'}"
 
 
 def _number(text, where, field):
@@ -196,14 +197,13 @@ def check_output(out, splits, images):
         raise VocError(f"{os.path.join(out, 'annotations')} is a file: the json files go into that folder; move the "
                        f"file or give another output folder")
     for split in splits:
-        link = os.path.join(out, split)
-        if os.path.islink(link) and os.path.realpath(link) == os.path.realpath(images):
-            continue  # made by an earlier run for the same images
-        if os.path.lexists(link):
+        link, ann = os.path.join(out, split), os.path.join(out, "annotations", f"instances_{split}.json")
+        if os.path.isdir(ann):
+            raise VocError(f"{ann} is a folder: remove it, or give another output folder")
+        reused = os.path.islink(link) and os.path.realpath(link) == os.path.realpath(images)  # an earlier run's
+        if os.path.lexists(link) and not reused:
             raise VocError(f"{link} exists and is not a link to the images {images}: train.py would read the "
                            f"images of split {split} there; remove it or give another output folder")
-        if os.path.isdir(os.path.join(out, "annotations", f"instances_{split}.json")):
-            raise VocError(f"{os.path.join(out, 'annotations', f'instances_{split}.json')} is a folder: remove it")
 
 
 def read_list(path):
@@ -387,11 +387,12 @@ def to_coco(split_ids, records, classes):
             "categories": [{"id": k, "name": n} for n, k in cat_id.items()]}
 
 
-NOTES = (("filename", "xml files whose <filename> is not the image's name; the image with the same name was taken"),
-         ("size", "images whose xml <size> differs from the file; the file's size is used, as train.py does"),
-         ("clip", "boxes reaching outside their image, clipped to it"),
-         ("empty", "xml files without <object>, kept as images without boxes (training skips them, evaluation "
-                   "counts detections on them)"))
+NOTES = (("filename", "xml file", "with a <filename> that is not the image's name: the image with the same name was "
+                                 "taken"),
+         ("size", "image", "whose xml <size> differs from the file: the file's size is used, as train.py does"),
+         ("clip", "box", "reaching outside the image, clipped to it"),
+         ("empty", "xml file", "without <object>, kept as an image without boxes (training skips such images, "
+                               "evaluation counts detections on them)"))
 
 
 def report(args, cocos, said, classes, notes, images):
@@ -411,10 +412,11 @@ def report(args, cocos, said, classes, notes, images):
     for same in (v for v in lower.values() if len(v) > 1):
         print(f"voc2coco: note: classes {' and '.join(map(repr, same))} differ only in case and are separate "
               f"classes: correct <name> or pass --classes if they are one")
-    for key, what in NOTES:
+    for key, noun, what in NOTES:
         items = notes.get(key, [])
         if items:
-            print(f"voc2coco: note: {len(items)} {what}: {'; '.join(items[:3])}{' ...' if len(items) > 3 else ''}")
+            print(f"voc2coco: note: {_count(len(items), noun)} {what}: {'; '.join(items[:3])}"
+                  f"{' ...' if len(items) > 3 else ''}")
     if len(args.split) > 1:
         print(f"voc2coco: then: python train.py --config demo data_root={args.out} train_split={args.split[0]} "
               f"val_split={args.split[1]} num_classes={len(classes) + 1} output_dir=output/"
@@ -425,7 +427,8 @@ def convert(args):
     """Check every option, path, list, xml and image, then write; returns {split: COCO dict}."""
     ann, images, sets = check_folders(args)
     check_output(args.out, args.split, images)
-    xmls = sorted(f for f in _listing(ann, {}) if f.lower().endswith(".xml"))
+    # not the ._name.xml companions macOS leaves on copied folders
+    xmls = sorted(f for f in _listing(ann, {}) if f.lower().endswith(".xml") and not f.startswith("."))
     ids, said = choose_splits(args, ann, sets, xmls)
     wanted = {i for s in args.split for i in ids[s]}
     found = {os.path.splitext(f)[0]: os.path.join(ann, f) for f in xmls}  # also r0.XML
