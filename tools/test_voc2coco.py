@@ -161,6 +161,14 @@ def test_filename_in_subfolder_uppercase_wrong_or_no_extension(tmp_path, capsys)
     assert note.startswith("voc2coco: note: 3 xml files") and "r2.png" in note and "took r2.jpg" in note
 
 
+def test_filename_without_extension_matching_two_images_is_refused(tmp_path, capsys):
+    src = make_set(tmp_path / "voc", n=2)
+    Image.new("RGB", (W, H)).save(os.path.join(src, "JPEGImages", "r1.png"))
+    write(os.path.join(src, "Annotations", "r1.xml"), voc_xml("r1"))
+    err = refused(capsys, str(tmp_path / "out"), src)
+    assert "r1.xml has <filename> 'r1'" in err and "several images by that name (r1.jpg, r1.png)" in err
+
+
 def test_box_reaching_outside_is_clipped_and_said(tmp_path, capsys):
     src = make_set(tmp_path / "voc", n=1)
     write(os.path.join(src, "Annotations", "r0.xml"), voc_xml("r0.jpg", [("raccoon", (0, 2, 45, 30), 0)]))

@@ -121,17 +121,19 @@ def find_image(images, filename, xml, cache):
         return filename, None
     sub = os.path.dirname(filename or "")
     base = os.path.basename(filename or "")  # "img_7" or "img_7.v2" (no extension) as well as "img_7.jpg"
-    stems = {base, os.path.splitext(base)[0], os.path.splitext(os.path.basename(xml))[0]} - {""}
-    found = [f for f in _listing(os.path.join(images, sub), cache)
-             if os.path.splitext(f)[1].lower() in IMAGE_EXTS and os.path.splitext(f)[0] in stems]
+    folder = os.path.join(images, sub) if sub else images
+    pictures = [f for f in _listing(folder, cache) if os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+    found = []
+    for stems in ({base, os.path.splitext(base)[0]} - {""}, {os.path.splitext(os.path.basename(xml))[0]}):
+        found = found or [f for f in pictures if os.path.splitext(f)[0] in stems]  # <filename>'s name first
     said = f"<filename> {filename!r}" if filename else "no <filename>"
     if len(found) > 1:
-        raise VocError(f"{xml} has {said}, and {os.path.join(images, sub)} holds several images by its name "
-                       f"({', '.join(found)}): write the file's full name in <filename>")
+        raise VocError(f"{xml} has {said}, and {folder} holds several images by that name ({', '.join(found)}): "
+                       f"write the file's full name in <filename>")
     if not found:
         raise VocError(f"{xml} has {said}, and no image by that name (any of {', '.join(IMAGE_EXTS)}) is in "
-                       f"{os.path.join(images, sub) or '.'}: put the image there, correct <filename>, pass "
-                       f"--images with the folder holding the images, or delete the xml")
+                       f"{folder}: put the image there, correct <filename>, pass --images with the folder holding "
+                       f"the images, or delete the xml")
     return os.path.join(sub, found[0]), f"{xml} has {said}: took {found[0]} (same name)"
 
 
