@@ -385,6 +385,8 @@ def bench_trainloop(args):
     else:
         print(f"train.py gave no timed iterations (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     write_json(args.json, result)
+    if proc.returncode:  # so `bench.py gpu` lists the step as failed, not as "exit 0"
+        raise SystemExit(f"bench trainloop: train.py exited with {proc.returncode}")
 
 
 def _trainloop_options(p):
@@ -542,7 +544,6 @@ def bench_gpu(args):
     import sys
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
     args.out, args.data = os.path.abspath(args.out), os.path.abspath(args.data)
-    os.makedirs(args.out, exist_ok=True)
     out = lambda name: os.path.join(args.out, name)  # noqa: E731
     me = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")]
     dry = args.dry_run
@@ -582,12 +583,19 @@ def bench_gpu(args):
     if unknown:
         raise config.UserError(f"bench gpu: --only/--skip name {', '.join(sorted(unknown))}, not steps; the steps "
                                f"are {', '.join(name for name, _, _ in steps)}")
+    steps = [step for step in steps if (not args.only or step[0] in args.only) and step[0] not in args.skip]
+    readers = [name for name, _, _ in steps if name in ("trainloop", "fidelity")]
+    absent = [p for p in ("annotations/instances_train2017.json", "train2017", "val2017")
+              if not os.path.exists(os.path.join(args.data, p))]
+    if readers and absent:  # before any device time is spent
+        raise config.UserError(f"bench gpu: --data {args.data} has no {', '.join(absent)}, which "
+                               f"{' and '.join(readers)} read: give --data a folder in COCO's layout such as "
+                               f"datasets/coco_tiny, or leave them out with --skip {','.join(readers)}")
+    os.makedirs(args.out, exist_ok=True)
     deadline = time.time() + args.budget
     status = {}
     with open(out("log.txt"), "w") as log:
         for name, cmd, limit in steps:
-            if (args.only and name not in args.only) or name in args.skip:
-                continue
             left = deadline - time.time()
             if left < 20:
                 status[name] = "skipped: out of --budget"
@@ -625,7 +633,7 @@ def gpu_summary(folder, status, hw):
             return None
     lines = ["", "==== bench.py gpu summary ===="]
     grid, syncs, fid, loop, extras = (load(f"{n}.json") for n in ("grid", "syncs", "fidelity", "trainloop", "extras"))
-    lines.append(f"image size: {hw[0]}x{hw[1]} (--hw) in every step" if hw else
+    lines.append(f"image size: {hw[0]}x{hw[1]} in every step (each given --hw)" if hw else
                  f"image size: {IMAGE_HW[0]}x{IMAGE_HW[1]} synthetic, the presets' sizes in trainloop and fidelity")
     if grid:
         lines.append(f"device: {grid['info']}; matmul TFLOP/s {grid['matmul_tflops']}")

@@ -264,7 +264,7 @@ def bench_startup(args):
             a, b = max(growth[small][k]), max(growth[big][k])
             rows.append([f"loader worker Private_Dirty growth MiB, {what}, worst of {args.workers}", f"{a:.1f}",
                          f"{b:.1f}", f"{b - a:+.1f}", "<= +10"])
-        print("each worker's growth MiB (300 batches; then every entry read + a full gc): " + "; ".join(
+        print(f"each worker's growth MiB ({args.batches} batches; then every entry read + a full gc): " + "; ".join(
             f"{split}: " + ", ".join(f"{x:.1f}" for x in growth[split][0]) + "; " +
             ", ".join(f"{x:.1f}" for x in growth[split][1]) for split in (small, big)))
     cfg = _startup_cfg(args, big)

@@ -71,6 +71,15 @@ def test_model_help_and_a_tiny_ops_run_from_another_folder(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_refuses_data_it_cannot_read_before_any_step(tmp_path):
+    absent = tmp_path / "absent"
+    proc = bench("gpu", "--dry-run", "--data", absent, "--out", tmp_path / "out", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"--data {absent} has no annotations/instances_train2017.json, train2017, val2017" in proc.stderr
+    assert "--skip trainloop,fidelity" in proc.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
 def test_gpu_dry_run_runs_every_step_at_the_size_of_hw(demo_root, tmp_path):
     """The whole device check on the CPU at 96x128 on the demo data, the pytest step left out and the grid cut to
     one model and one precision; its temporary checkpoints go to tmp_path (TMPDIR)."""
@@ -82,7 +91,7 @@ def test_gpu_dry_run_runs_every_step_at_the_size_of_hw(demo_root, tmp_path):
     steps = ("grid", "trainloop", "syncs", "fidelity", "profile", "extras")
     for step in steps:
         assert f"bench gpu: {step}: exit 0" in proc.stdout, (step, proc.stdout[-3000:])
-    assert "pytest:" not in proc.stdout and "image size: 96x128 (--hw) in every step" in proc.stdout
+    assert "pytest:" not in proc.stdout and "image size: 96x128 in every step" in proc.stdout
     load = lambda name: json.loads((out / name).read_text())  # noqa: E731
 
     grid = load("grid.json")
