@@ -264,6 +264,42 @@ def plot_pr_curves(per_class, pr, png, title, few=5):
     launch.atomic_write(png, lambda f: fig.savefig(f, format="png"))
 
 
+def detection_agreement(a, b, iou=0.99, score_tol=1e-3):
+    """How far two runs' detections agree (the CPU against an accelerator, one commit against another):
+    (matched, len(a), len(b)) for two lists of detection records ({"file_name" or "image_id", "bbox" [x, y, w, h],
+    "score", "category_id"}, as coco_records and --images write them): a pair matches with the same image and label,
+    IoU > iou (or the same four numbers to 0.01 px: a degenerate box, whose w or h the rescaling without +1 can make
+    negative, has no IoU) and scores within score_tol; greedily by a's score, the best IoU first, each detection
+    used once."""
+    import torchvision
+
+    def group(records):
+        out = {}
+        for r in records:
+            out.setdefault((r.get("file_name", r.get("image_id")), r["category_id"]), []).append(r)
+        return out
+
+    def xyxy(records):
+        return torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in records)], dtype=torch.float64)
+
+    groups_b, matched = group(b), 0
+    for key, ra in group(a).items():
+        rb = groups_b.get(key, [])
+        if not rb:
+            continue
+        ious = torchvision.ops.box_iou(xyxy(ra), xyxy(rb))
+        same = (xyxy(ra)[:, None] - xyxy(rb)[None]).abs().amax(2) <= 0.01
+        sa, sb = (torch.tensor([r["score"] for r in rs], dtype=torch.float64) for rs in (ra, rb))
+        ok = ((ious > iou) | same) & ((sa[:, None] - sb[None]).abs() <= score_tol)
+        used = torch.zeros(len(rb), dtype=torch.bool)
+        for i in sa.argsort(descending=True).tolist():
+            cand = torch.nonzero(ok[i] & ~used).squeeze(1)
+            if len(cand):
+                used[cand[ious[i, cand].argmax()]] = True
+                matched += 1
+    return matched, len(a), len(b)
+
+
 def evaluate_coco(net, cfg, device, rank=0, world_size=1):
     """COCO box evaluation of cfg.val_split as upstream's inference(): every image once, sharded over ranks and
     gathered on rank 0 by dataset index. Rank 0 prints the COCO table, the per-class table and AP/AP50, writes

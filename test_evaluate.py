@@ -18,6 +18,7 @@ import data
 import evaluate
 import model
 from conftest import COCO_SETS, COCO_TINY, run, script, tiny_cfg
+from evaluate import detection_agreement
 
 
 class ReplayNet(torch.nn.Module):
@@ -192,40 +193,6 @@ def test_evaluate_refuses_a_checkpoint_of_another_architecture(demo_root, tmp_pa
 
 
 # ---- the same weights on an accelerator
-
-
-def detection_agreement(a, b, iou=0.99, score_tol=1e-3):
-    """(matched, len(a), len(b)) for two lists of detection records ({"file_name" or "image_id", "bbox" [x, y, w, h],
-    "score", "category_id"}): a pair matches with the same image and label, IoU > iou (or the same four numbers to
-    0.01 px: a degenerate box, whose w or h the rescaling without +1 can make negative, has no IoU) and scores within
-    score_tol; greedily by a's score, the best IoU first, each detection used once."""
-    import torchvision
-
-    def group(records):
-        out = {}
-        for r in records:
-            out.setdefault((r.get("file_name", r.get("image_id")), r["category_id"]), []).append(r)
-        return out
-
-    def xyxy(records):
-        return torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in records)], dtype=torch.float64)
-
-    groups_b, matched = group(b), 0
-    for key, ra in group(a).items():
-        rb = groups_b.get(key, [])
-        if not rb:
-            continue
-        ious = torchvision.ops.box_iou(xyxy(ra), xyxy(rb))
-        same = (xyxy(ra)[:, None] - xyxy(rb)[None]).abs().amax(2) <= 0.01
-        sa, sb = (torch.tensor([r["score"] for r in rs], dtype=torch.float64) for rs in (ra, rb))
-        ok = ((ious > iou) | same) & ((sa[:, None] - sb[None]).abs() <= score_tol)
-        used = torch.zeros(len(rb), dtype=torch.bool)
-        for i in sa.argsort(descending=True).tolist():
-            cand = torch.nonzero(ok[i] & ~used).squeeze(1)
-            if len(cand):
-                used[cand[ious[i, cand].argmax()]] = True
-                matched += 1
-    return matched, len(a), len(b)
 
 
 def test_detection_agreement_counts_by_hand():

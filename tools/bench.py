@@ -1,71 +1,40 @@
 """Benchmarks, one subcommand each; every number is the median of --repeats timed runs after one warm-up.
 
-    python bench.py ops                   # our NMS / ROIAlign against torchvision's, with the ratio ours/tv
-    python bench.py ops --repeats 9 --device cpu
-    python bench.py data                  # training data pipeline on coco_tiny: img/s per worker, ours/tv
-    python bench.py eval --repeats 3      # pycocotools against the evaluator in use, on 5000 synthetic images
-    python bench.py gpu --device cuda --data datasets/coco_tiny --out gpu_check   # every accelerator figure, ~8 min
-    python bench.py grid --device cuda --models R-101-FPN --precisions bf16     # one part of it (also: syncs,
-                                          # fidelity, trainloop, profile, extras; each writes --json)
+    python tools/bench.py ops                   # our NMS / ROIAlign against torchvision's, with the ratio ours/tv
+    python tools/bench.py ops --repeats 9 --device cpu --hw 96,128
+    python tools/bench.py model --repeats 3     # Faster R-CNN inference and training, ours against torchvision's
+    python tools/bench.py data                  # training data pipeline on coco_tiny: img/s per worker, ours/tv
+    python tools/bench.py eval --repeats 3      # pycocotools against the evaluator in use, on 5000 synthetic images
+    python tools/bench.py gpu --device cuda --data datasets/coco_tiny --out gpu_check   # every accelerator figure
+    python tools/bench.py gpu --device cpu --dry-run --hw 96,128 --out /tmp/gpu_dry   # the same code, tiny sizes
+    python tools/bench.py grid --device cuda --models R-101-FPN --precisions bf16     # one part of it (also: syncs,
+                                                # fidelity, trainloop, profile, extras; each writes --json)
+    python tools/bench.py startup --polygons     # host memory of 8 ranks building COCO-2017-sized data
 
-    python bench.py startup --polygons     # host memory of 8 ranks building COCO-2017-sized data (bench_memory.py)
-
-To add a subcommand: write `bench_<name>(args)` and register it in `subcommands()` with a function that adds its
-own options to its subparser; --device and --repeats are shared. The accelerator suite lives in bench_accel.py.
+The shared flags: --device, --repeats and --hw (image size h,w), each given only to the subcommands that use it,
+and passed on by `gpu` to every step that takes it. The accelerator suite lives in bench_accel.py, startup in
+bench_memory.py, what they share with this file in bench_common.py. To add a subcommand: write `bench_<name>(args)`
+and register it in `subcommands()` with the shared flags it takes and a function adding its own options.
 """
-import argparse
-import math
-import os
-import statistics
-import sys
-import time
+import bench_common as common  # first: it sets OMP_WAIT_POLICY before torch loads and finds the product
+import argparse  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the product, at the repository root
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py and evaluate.py run (see train.py)
 import torch  # noqa: E402
 
+import bench_accel  # noqa: E402
+import bench_memory  # noqa: E402
+from bench_common import IMAGE_HW, build_net, make_step, median_times, print_table  # noqa: E402
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mlu":
-        torch.mlu.synchronize(device)
-
-
-def median_times(fns, device, repeats, warmup=1):
-    """Median wall time in seconds of each fn in fns, synchronising the device around each run. The fns run in
-    turn within each repeat, so load from other processes on a shared machine hits all of them alike."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
-
-
-def print_table(header, rows):
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    for i, r in enumerate([header] + rows):
-        print("  ".join(str(c).ljust(w) if j == 0 else str(c).rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-# ------------------------------------------------------------------------------------------------------ ops
-IMAGE_HW = (800, 1216)  # upstream's test-size image, padded to a multiple of 32
 FPN_LEVELS = [("P2", 1 / 4, 16, 112), ("P3", 1 / 8, 112, 224), ("P4", 1 / 16, 224, 448), ("P5", 1 / 32, 448, 800)]
 # (name, spatial scale, min and max box side in pixels that upstream's LevelMapper sends to that level)
 
 
-def overlapping_boxes(n, gen, num_objects=None):
-    """(n, 4) proposal-like boxes: jittered copies around a few objects, so many pairs overlap at IoU > 0.7."""
-    h, w = IMAGE_HW
+def overlapping_boxes(n, gen, hw, num_objects=None):
+    """(n, 4) proposal-like boxes in an image of size hw: jittered copies around a few objects, so many pairs
+    overlap at IoU > 0.7."""
+    h, w = hw
     num_objects = num_objects or max(n // 50, 1)
     centre = torch.rand(num_objects, 2, generator=gen) * torch.tensor([w, h])
     size = torch.exp(torch.empty(num_objects, 2).uniform_(math.log(16), math.log(400), generator=gen))
@@ -76,9 +45,10 @@ def overlapping_boxes(n, gen, num_objects=None):
     return boxes.clamp(min=0).minimum(torch.tensor([w, h, w, h]) - 1.0)
 
 
-def level_rois(n, images, lo, hi, gen):
-    """(n, 5) rois (image index, x1, y1, x2, y2) in image pixels with sides in [lo, hi), spread over `images`."""
-    h, w = IMAGE_HW
+def level_rois(n, images, lo, hi, gen, hw):
+    """(n, 5) rois (image index, x1, y1, x2, y2) in the pixels of an image of size hw, sides in [lo, hi), spread
+    over `images`."""
+    h, w = hw
     side = torch.exp(torch.empty(n, 2).uniform_(math.log(lo), math.log(hi), generator=gen))
     x1 = torch.rand(n, generator=gen) * (w - side[:, 0]).clamp(min=1)
     y1 = torch.rand(n, generator=gen) * (h - side[:, 1]).clamp(min=1)
@@ -90,9 +60,10 @@ def bench_ops(args):
     import torchvision
 
     import ops
-    device, gen = torch.device(args.device), torch.Generator().manual_seed(0)
+    device, gen, hw = torch.device(args.device), torch.Generator().manual_seed(0), args.hw or IMAGE_HW
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, device {device}, "
-          f"{torch.get_num_threads()} threads; ours = ops.{ops.backend_name(device)}, median of {args.repeats}")
+          f"{torch.get_num_threads()} threads; ours = ops.{ops.backend_name(device)}, median of {args.repeats}; "
+          f"image {hw[0]}x{hw[1]}")
     rows = []
 
     def same_nms(a, b, scores):  # equal scores may come out in another order from torchvision (its sort is unstable)
@@ -103,13 +74,13 @@ def bench_ops(args):
         rows.append([name, f"{a:.2f}", f"{b:.2f}", f"{a / b:.2f}", check])
 
     # NMS at upstream's RPN threshold 0.7; batched over 80 classes at the box head's 0.5.
-    for n in (1000, 5000, 20000):
-        boxes, scores = overlapping_boxes(n, gen).to(device), torch.rand(n, generator=gen).to(device)
+    for n in args.nms_boxes:
+        boxes, scores = overlapping_boxes(n, gen, hw).to(device), torch.rand(n, generator=gen).to(device)
         same = same_nms(ops.nms(boxes, scores, 0.7), torchvision.ops.nms(boxes, scores, 0.7), scores)
-        row(f"nms {n // 1000}k boxes, thr 0.7", lambda: ops.nms(boxes, scores, 0.7),
+        row(f"nms {n / 1000:g}k boxes, thr 0.7", lambda: ops.nms(boxes, scores, 0.7),
             lambda: torchvision.ops.nms(boxes, scores, 0.7), same)
     n = 16000
-    boxes, scores = overlapping_boxes(n, gen, num_objects=1000).to(device), torch.rand(n, generator=gen).to(device)
+    boxes, scores = overlapping_boxes(n, gen, hw, num_objects=1000).to(device), torch.rand(n, generator=gen).to(device)
     labels = torch.randint(80, (n,), generator=gen).to(device)
     same = same_nms(ops.batched_nms(boxes, scores, labels, 0.5),
                     torchvision.ops.batched_nms(boxes, scores, labels, 0.5), scores)
@@ -117,12 +88,13 @@ def bench_ops(args):
         lambda: torchvision.ops.batched_nms(boxes, scores, labels, 0.5), same)
 
     # ROIAlign, one row per FPN level with RoIs of the sizes upstream's LevelMapper sends there (the pooler
-    # calls roi_align once per level): training 2 images x 512 RoIs forward + backward, test 1000 RoIs forward.
+    # calls roi_align once per level): training 2 images x 512 RoIs forward + backward, test 1000 RoIs forward
+    # (--rois).
     for name, scale, lo, hi in FPN_LEVELS:
-        fh, fw = IMAGE_HW[0] * scale, IMAGE_HW[1] * scale
-        for phase, images, k in (("train", 2, 1024), ("test", 1, 1000)):
+        fh, fw = hw[0] * scale, hw[1] * scale
+        for phase, images, k in (("train", 2, args.rois[0]), ("test", 1, args.rois[-1])):
             feat = torch.randn(images, 256, int(fh), int(fw), generator=gen).to(device)
-            rois = level_rois(k, images, lo, hi, gen).to(device)
+            rois = level_rois(k, images, lo, hi, gen, hw).to(device)
             kw = dict(output_size=(7, 7), spatial_scale=scale, sampling_ratio=2, aligned=False)
             with torch.no_grad():
                 diff = (ops.roi_align(feat, rois, **kw) - torchvision.ops.roi_align(feat, rois, **kw)).abs().max()
@@ -145,7 +117,13 @@ def bench_ops(args):
     print(f"worst ratio ours/torchvision: {worst:.2f}")
 
 
-# ----------------------------------------------------------------------------------------------------- model
+def _ops_options(p):
+    p.add_argument("--nms-boxes", default=[1000, 5000, 20000], type=lambda s: [int(v) for v in s.split(",")],
+                   help="box counts of the NMS rows, comma-separated (default 1000,5000,20000)")
+    p.add_argument("--rois", default=[1024, 1000], type=lambda s: [int(v) for v in s.split(",")],
+                   help="RoIs of the training (2 images) and test (1 image) ROIAlign rows (default 1024,1000)")
+
+
 MODEL_CASES = {  # name -> (what, implementation, preset)
     "ours-infer": ("inference", "ours", "R-50-FPN"), "tv-infer": ("inference", "torchvision", "R-50-FPN"),
     "ours-train": ("training", "ours", "R-50-FPN"), "tv-train": ("training", "torchvision", "R-50-FPN"),
@@ -153,90 +131,19 @@ MODEL_CASES = {  # name -> (what, implementation, preset)
 }
 
 
-def synthetic_batch(n, device, seed=0):
-    """(images (N, 3, 800, 1216) in [0, 1), targets of 5 boxes and labels 1..80 each) on device: upstream's size."""
-    gen = torch.Generator().manual_seed(seed)
-    h, w = IMAGE_HW
-    xy = torch.rand(n, 5, 2, generator=gen) * torch.tensor([w - 300.0, h - 300.0])
-    boxes = torch.cat([xy, xy + torch.rand(n, 5, 2, generator=gen) * 250 + 20], 2).to(device)
-    labels = torch.randint(1, 81, (n, 5), generator=gen).to(device)
-    images = torch.rand(n, 3, h, w, generator=gen).to(device)
-    return images, [{"boxes": b, "labels": l} for b, l in zip(boxes, labels)]
-
-
-def build_net(impl, preset, device, overrides=(), module=None):
-    """impl "ours" (model.py, or `module`: another model.py such as the previous commit's), "torchvision" (the
-    fasterrcnn_resnet50_fpn builder without weights: trainable BatchNorm, all layers trainable) or "tv-frozen"
-    (FasterRCNN on resnet_fpn_backbone(preset's ResNet) with FrozenBatchNorm2d and layers 2-4 trainable, as
-    torchvision trains from ImageNet weights and as upstream freezes; the only torchvision R-101 Faster R-CNN)."""
-    torch.manual_seed(0)
-    if impl == "ours":
-        import config
-        import model
-        cfg = config.get(preset, ["device=" + device.type, *overrides], verbose=False)
-        return (module or model).build_model(cfg).to(device)
-    from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-    # its own resize keeps the synthetic images' size: 800 x 1216 is its default target (800, 1333) already
-    size = dict(min_size=min(IMAGE_HW), max_size=max(1333, *IMAGE_HW))
-    if impl == "torchvision":  # weights_backbone=None too: the default would download ImageNet weights
-        return fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, **size).to(device)
-    name = {"R-50-FPN": "resnet50", "R-101-FPN": "resnet101"}[preset]
-    return FasterRCNN(resnet_fpn_backbone(backbone_name=name, weights=None, trainable_layers=3), 91, **size).to(device)
-
-
-def make_step(impl, net, what, n, device, precision=None):
-    """A closure running one inference (inference mode) or one training iteration (SGD step included) of net on
-    synthetic_batch(n). precision: a dict whose "autocast" entry (None or a dtype) is read at each call. Ours gets
-    data.py's kind of input (BGR-255 minus a mean; preprocessing not timed); torchvision's resize/normalise runs
-    inside its model and is timed with it (800x1216 is already its target size)."""
-    import contextlib
-    precision = precision if precision is not None else {"autocast": None}
-    images, targets = synthetic_batch(n, device)
-    if impl == "ours":
-        x, sizes = images * 255 - 128, [IMAGE_HW] * n
-        step = (lambda: net(x, sizes)) if what == "inference" else (lambda: net(x, sizes, targets))
-    else:
-        x = list(images)
-        step = (lambda: net(x)) if what == "inference" else (lambda: net(x, targets))
-
-    def autocast():
-        dtype = precision["autocast"]
-        return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    if what == "inference":
-        net.eval()
-
-        def run():
-            with torch.inference_mode(), autocast():
-                return step()
-        return run
-    net.train()
-    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-
-    def run():
-        with autocast():
-            losses = step()
-        loss = sum(losses.values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return losses
-    return run
-
-
-def _model_runner(case, device):
-    """A closure running one inference (batch 1) or one training iteration (batch 2) of a MODEL_CASES case, and
-    its batch size."""
+def _model_runner(case, device, hw):
+    """A closure running one inference (batch 1) or one training iteration (batch 2) of a MODEL_CASES case on
+    images of size hw, and its batch size."""
     what, impl, preset = MODEL_CASES[case]
     n = 1 if what == "inference" else 2
-    return make_step(impl, build_net(impl, preset, device), what, n, device), n
+    return make_step(impl, build_net(impl, preset, device, hw), what, n, device, hw), n
 
 
 def _model_peak(args):
     """Child process: warm-up and one run of one case; prints its peak memory in MiB (process max RSS on cpu)."""
     import resource
     device = torch.device(args.device)
-    run, _ = _model_runner(args.case, device)
+    run, _ = _model_runner(args.case, device, args.hw or IMAGE_HW)
     run()
     run()
     if device.type == "cpu":
@@ -253,25 +160,25 @@ def bench_model(args):
 
     if args.case:
         return _model_peak(args)
-    device = torch.device(args.device)
-    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, image {IMAGE_HW[0]}x"
-          f"{IMAGE_HW[1]}, median of {args.repeats} after 1 warm-up, runs of ours and torchvision alternating; "
+    device, hw = torch.device(args.device), args.hw or IMAGE_HW
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, image {hw[0]}x"
+          f"{hw[1]}, median of {args.repeats} after 1 warm-up, runs of ours and torchvision alternating; "
           f"torchvision = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)")
     peak = {}
     for case in MODEL_CASES:
-        cmd = [sys.executable, __file__, "model", "--case", case, "--device", args.device]
+        cmd = [sys.executable, __file__, "model", "--case", case, "--device", args.device, "--hw", f"{hw[0]},{hw[1]}"]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"bench model: case {case} failed:\n{out.stderr[-3000:]}")
         peak[case] = float(out.stdout.strip().splitlines()[-1])
     rows = []
     for what, mode in (("inference", "infer"), ("training", "train")):
-        (ours, n), (tv, _) = _model_runner(f"ours-{mode}", device), _model_runner(f"tv-{mode}", device)
+        (ours, n), (tv, _) = _model_runner(f"ours-{mode}", device, hw), _model_runner(f"tv-{mode}", device, hw)
         a, b = (t / n for t in median_times([ours, tv], device, args.repeats))
         rows.append([f"R-50-FPN {what}, batch {n}, s per image", f"{a:.3f}", f"{b:.3f}", f"{a / b:.2f}",
                      f"{peak[f'ours-{mode}']:.0f}", f"{peak[f'tv-{mode}']:.0f}"])
         del ours, tv
-    r101, _ = _model_runner("r101-infer", device)
+    r101, _ = _model_runner("r101-infer", device, hw)
     rows.append(["R-101-FPN inference, batch 1, s per image", f"{median_times([r101], device, args.repeats)[0]:.3f}",
                  "-", "-", f"{peak['r101-infer']:.0f}", "-"])
     mem = "peak MiB (process max RSS)" if device.type == "cpu" else "peak MiB (allocated)"
@@ -282,7 +189,6 @@ def _model_options(p):
     p.add_argument("--case", choices=list(MODEL_CASES), help=argparse.SUPPRESS)  # internal: the child process
 
 
-# ----------------------------------------------------------------------------------------------------- data
 def bench_data(args):
     """Training pipeline (decode, resize, flip, normalise, targets) in images per second per worker process (one
     thread, as in a loader worker) on coco_tiny, against torchvision's CocoDetection + PIL resize + hflip +
@@ -297,16 +203,13 @@ def bench_data(args):
     import torchvision
     import torchvision.transforms.functional as TF
 
-    COCO_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "datasets", "coco_tiny")
-    if not os.path.isdir(COCO_TINY):
-        print(f"bench data: skipped, {COCO_TINY} is absent (it comes with ../shared)")
-        return
-    cfg = config.get(args.config, [f"data_root={COCO_TINY}", f"num_workers={args.workers}", "ims_per_batch=2"],
-                     verbose=False)
-    ds = data.CocoDetection(COCO_TINY, cfg.train_split, cfg, train=True)
+    root = args.data
+    cfg = config.get(args.config, [f"data_root={root}", f"num_workers={args.workers}", "ims_per_batch=2",
+                                   *common.size_overrides(args.hw)], verbose=False)
+    ds = data.CocoDetection(root, cfg.train_split, cfg, train=True)  # data.MissingData names what is absent
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress lines
-        tv = torchvision.datasets.CocoDetection(os.path.join(COCO_TINY, cfg.train_split), os.path.join(
-            COCO_TINY, "annotations", f"instances_{cfg.train_split}.json"))
+        tv = torchvision.datasets.CocoDetection(os.path.join(root, cfg.train_split), os.path.join(
+            root, "annotations", f"instances_{cfg.train_split}.json"))
     index = {img_id: k for k, img_id in enumerate(tv.ids)}
     calls = [0]
 
@@ -335,7 +238,7 @@ def bench_data(args):
         next(loader)
     rate = n / (time.perf_counter() - t0)
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, {args.config} sizes (short {cfg.min_size_train}, "
-          f"long <= {cfg.max_size_train}), coco_tiny {cfg.train_split} ({len(ds)} images), median of {args.repeats}")
+          f"long <= {cfg.max_size_train}), {root} {cfg.train_split} ({len(ds)} images), median of {args.repeats}")
     print_table(["measurement", "ours", "torchvision", "ours/tv"], [
         ["training pipeline, img/s per worker", f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}"],
         [f"loader, {args.workers} workers, batch 2, img/s total", f"{rate:.1f}", "-", "-"],
@@ -343,11 +246,11 @@ def bench_data(args):
 
 
 def _data_options(p):
+    p.add_argument("--data", default="datasets/coco_tiny", help="COCO-layout folder (default datasets/coco_tiny)")
     p.add_argument("--config", default="R-101-FPN", help="preset whose input sizes to use (default R-101-FPN)")
     p.add_argument("--workers", type=int, default=2, help="loader worker processes (default 2)")
 
 
-# -------------------------------------------------------------------------------------------------- eval
 def bench_eval(args):
     """pycocotools against the evaluator evaluate.py picks, on a synthetic COCO-sized problem: args.images
     images with 1-15 boxes of 80 classes, 100 noisy or random detections per image; the twelve numbers must agree."""
@@ -392,52 +295,52 @@ def bench_eval(args):
         [chosen[0], f"{t_ours:.2f}", f"{t_ours / t_ref:.3f}", "identical" if same else "DIFFERENT"]])
 
 
-# ------------------------------------------------------------------------------------------------- main
 def subcommands():
-    """name -> (function, help, function adding its own options). bench_accel and bench_memory import this file's
-    helpers, so they are imported here, once this file is loaded."""
-    import bench_accel as a
-    import bench_memory as m
+    """name -> (function, help, the shared flags it takes (bench_common.add_shared_options), function adding its
+    own options)."""
+    a, m = bench_accel, bench_memory
+    every = ("device", "repeats", "hw")
     return {
-        "ops": (bench_ops, "NMS and ROIAlign: ours against torchvision's", lambda p: None),
-        "data": (bench_data, "training data pipeline: images per second per worker on coco_tiny", _data_options),
-        "eval": (bench_eval, "COCO evaluation: pycocotools against the evaluator in use, same numbers",
+        "ops": (bench_ops, "NMS and ROIAlign: ours against torchvision's", every, _ops_options),
+        "data": (bench_data, "training data pipeline: images per second per worker on coco_tiny", ("repeats", "hw"),
+                 _data_options),
+        "eval": (bench_eval, "COCO evaluation: pycocotools against the evaluator in use, same numbers", ("repeats",),
                  lambda p: p.add_argument("--images", type=int, default=5000, help="synthetic images (default 5000)")),
-        "model": (bench_model, "Faster R-CNN R-50-FPN inference and training: ours against torchvision's",
+        "model": (bench_model, "Faster R-CNN R-50-FPN inference and training: ours against torchvision's", every,
                   _model_options),
-        "startup": (m.bench_startup, "host memory and time of building the training data, COCO-2017-sized json against "
-                                   "a 2,000-image one", m._startup_options),
-        "grid": (a.bench_grid, "accelerators: models x batches x precisions against torchvision, TFLOP/s",
+        "startup": (m.bench_startup, "host memory and time of building the training data, COCO-2017-sized json "
+                                     "against a 2,000-image one", ("repeats",), m._startup_options),
+        "grid": (a.bench_grid, "accelerators: models x batches x precisions against torchvision, TFLOP/s", every,
                  a._grid_options),
-        "syncs": (a.bench_syncs, "host synchronisations per forward, before and after", a._syncs_options),
+        "syncs": (a.bench_syncs, "host synchronisations per forward, before and after", every, a._syncs_options),
         "fidelity": (a.bench_fidelity, "the same weights on the CPU and the device: detections matched",
-                     a._fidelity_options),
-        "trainloop": (a.bench_trainloop, "train.py on real images, the real loader: img/s, data wait",
+                     ("device", "hw"), a._fidelity_options),
+        "trainloop": (a.bench_trainloop, "train.py on real images, the real loader: img/s, data wait", ("device", "hw"),
                       a._trainloop_options),
-        "profile": (a.bench_profile, "torch.profiler: top ops and device busy share", a._profile_options),
-        "extras": (a.bench_extras, "fused SGD, channels_last, torch.compile of the backbone", a._extras_options),
-        "gpu": (a.bench_gpu, "every accelerator figure in one call, summary last (the device check)", a._gpu_options),
+        "profile": (a.bench_profile, "torch.profiler: top ops and device busy share", every, a._profile_options),
+        "extras": (a.bench_extras, "fused SGD, channels_last, torch.compile of the backbone", every, a._extras_options),
+        "gpu": (a.bench_gpu, "every accelerator figure in one call, summary last (the device check)", every,
+                a._gpu_options),
     }
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (fn, help_text, add_options) in subcommands().items():
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mlu, ... (default cpu)")
-        p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the median is shown")
-        p.add_argument("--hw", default="", help="synthetic image size h,w (default 800,1216; smaller for dry runs)")
+    for name, (fn, help_text, shared, add_options) in subcommands().items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        common.add_shared_options(p, shared)
         add_options(p)
         p.set_defaults(func=fn)
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats}")
-    if args.hw:
-        global IMAGE_HW
-        IMAGE_HW = tuple(int(v) for v in args.hw.split(","))
+    if "repeats" in args:
+        if args.repeats is None:
+            args.repeats = 1 if getattr(args, "dry_run", False) else 5
+        if args.repeats < 1:
+            parser.error(f"--repeats must be >= 1, got {args.repeats}")
     args.func(args)
 
 
 if __name__ == "__main__":
-    main()
+    import launch
+    launch.run_cli(main)

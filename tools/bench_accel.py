@@ -1,14 +1,18 @@
-"""Accelerator benchmarks, subcommands of bench.py (`python bench.py gpu --device cuda`, or one part: grid, syncs,
-fidelity, trainloop, profile, extras): ours against torchvision per model, batch and precision with TFLOP/s, host
-synchronisations per forward before and after, CPU-vs-device agreement of detections, train.py on real images,
-a profile, and the optional speed-ups; `gpu` runs them all in one call under a time budget, summary last.
+"""Accelerator benchmarks, subcommands of bench.py (`python tools/bench.py gpu --device cuda`, or one part: grid,
+syncs, fidelity, trainloop, profile, extras): ours against torchvision per model, batch and precision with
+TFLOP/s, host synchronisations per forward before and after, CPU-vs-device agreement of detections, train.py on
+real images, a profile, and the optional speed-ups; `gpu` runs them all in one call under a time budget, summary
+last. Each step says in its output file at what image size it ran (--hw).
 """
-import os
-import time
+import bench_common as common  # first: it sets OMP_WAIT_POLICY before torch loads and finds the product
+import os  # noqa: E402
+import time  # noqa: E402
 
-import torch
+import torch  # noqa: E402
 
-from bench import IMAGE_HW, build_net, make_step, median_times, print_table, sync
+import config  # noqa: E402
+import launch  # noqa: E402
+from bench_common import IMAGE_HW, build_net, make_step, median_times, print_table  # noqa: E402
 
 # `bench.py gpu` runs every measurement below on one accelerator, each step in a child process with a hard time
 # limit, and prints a summary table last; each step is also a subcommand of its own (grid, syncs, fidelity,
@@ -22,8 +26,6 @@ def set_precision(name, state):
     """Apply a PRECISIONS entry: TF32 through launch.numeric_policy (as train.py and evaluate.py), autocast in
     state["autocast"] for the make_step closures."""
     import types
-
-    import launch
     tf32, autocast = PRECISIONS[name]
     launch.numeric_policy(types.SimpleNamespace(tf32=tf32))
     state["autocast"] = autocast
@@ -50,11 +52,11 @@ def peak_memory(fn, device, net, training):
     if device.type == "cpu":
         return None
     mod = getattr(torch, device.type)
-    sync(device)
+    launch.synchronize(device)
     before = mod.memory_allocated(device)
     mod.reset_peak_memory_stats(device)
     fn()
-    sync(device)
+    launch.synchronize(device)
     kept = [t for m in net.modules() for t in getattr(m, "_folded", ())]  # model.FrozenBatchNorm2d.fold's cache
     resident = sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers(), *kept])
     momentum = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad) if training else 0
@@ -81,17 +83,18 @@ def matmul_tflops(device, precision, size=8192, repeats=10):
 
 
 def write_json(path, obj):
+    """obj as JSON to path (nothing when path is empty), renamed into place: a step killed at its time limit leaves
+    the figures written before, never half a file."""
     import json
     if path:
-        with open(path, "w") as f:
-            json.dump(obj, f, indent=1, default=str)
+        launch.atomic_write(path, lambda f: json.dump(obj, f, indent=1, default=str), mode="w")
 
 
 def bench_grid(args):
     """Ours against torchvision (tv-frozen: FrozenBN, layers 2-4 trainable, as ours) in the same process, runs
     alternating: images/s, time ratio, peak memory, achieved TFLOP/s (FLOPs counted once per case), for each
     model, training and inference batch size and precision."""
-    device = torch.device(args.device)
+    device, hw = torch.device(args.device), args.hw or IMAGE_HW
     info = device_info(device)
     models = args.models.split(",")
     cases = [("training", int(n)) for n in args.train_batches.split(",") if n] + \
@@ -104,10 +107,10 @@ def bench_grid(args):
     rows, records = [], []
     for preset in models:
         overrides = args.overrides.split(";") if args.overrides else []
-        nets = {impl: build_net(impl, preset, device, overrides) for impl in ("ours", "tv-frozen")}
+        nets = {impl: build_net(impl, preset, device, hw, overrides) for impl in ("ours", "tv-frozen")}
         for what, n in cases:
             state = {"autocast": None}
-            steps = {impl: make_step(impl, net, what, n, device, state) for impl, net in nets.items()}
+            steps = {impl: make_step(impl, net, what, n, device, hw, state) for impl, net in nets.items()}
             flops = {impl: count_flops(fn) for impl, fn in steps.items()}
             for precision in precisions:
                 set_precision(precision, state)
@@ -129,11 +132,12 @@ def bench_grid(args):
                 print("  ".join(map(str, rows[-1])), flush=True)
             del steps
         del nets
-    print(f"\nmedian of {args.repeats} after 2 warm-ups, ours and torchvision alternating; {IMAGE_HW[0]}x{IMAGE_HW[1]} "
+    print(f"\nmedian of {args.repeats} after 2 warm-ups, ours and torchvision alternating; {hw[0]}x{hw[1]} "
           "images, 5 boxes; FLOPs by FlopCounterMode (conv + matmul, fwd + bwd); spec peak: dense SXM figures")
     print_table(["case", "ours img/s", "tv img/s", "ours/tv time", "ours GiB", "tv GiB", "ours TFLOP/s",
                  "% matmul peak", "% spec"], rows)
-    write_json(args.json, {"info": info, "matmul_tflops": peaks, "spec_tflops": spec, "rows": records})
+    write_json(args.json, {"info": info, "image_hw": hw, "matmul_tflops": peaks, "spec_tflops": spec,
+                           "rows": records})
 
 
 def _grid_options(p):
@@ -190,13 +194,13 @@ def count_host_reads(fn):
     return dict(counts)
 
 
-def count_cuda_syncs(fn):
-    """Synchronisations one call of fn makes on CUDA, from torch.cuda.set_sync_debug_mode("warn"), by source line
-    of model.py/ops.py (the innermost frame of ours that led to it)."""
+def count_cuda_syncs(fn, device):
+    """Synchronisations one call of fn makes on CUDA device, from torch.cuda.set_sync_debug_mode("warn"), by
+    source line of model.py/ops.py (the innermost frame of ours that led to it)."""
     import collections
     import warnings
     where = collections.Counter()
-    torch.cuda.synchronize()
+    launch.synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -223,7 +227,7 @@ def bench_syncs(args):
     """Host reads in the forward of ours (and of --old-model, the code before this change), R-50-FPN inference and
     one training step: structural counts by op, and on CUDA the real synchronisations by source line; with
     --old-model also the time of old and new alternating (FP32) and whether their outputs are equal."""
-    device = torch.device(args.device)
+    device, hw = torch.device(args.device), args.hw or IMAGE_HW
     versions = {"new": None}
     if args.old_model and os.path.isfile(args.old_model):
         versions["old"] = load_model_file(args.old_model)
@@ -232,7 +236,7 @@ def bench_syncs(args):
     overrides = args.overrides.split(";") if args.overrides else []
     out, rows = {}, []
     for what, n in [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]:
-        steps = {v: make_step("ours", build_net("ours", args.preset, device, overrides, m), what, n, device)
+        steps = {v: make_step("ours", build_net("ours", args.preset, device, hw, overrides, m), what, n, device, hw)
                  for v, m in versions.items()}
         results = {}
         for version, step in steps.items():  # first call: the same weights and seed for old and new
@@ -242,19 +246,18 @@ def bench_syncs(args):
             a, b = results["old"], results["new"]
             if what == "inference":
                 same = all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
-                if not same:  # how far apart: the share matched as in test_evaluate.py
+                if not same:  # how far apart: the share matched, as the fidelity step counts it
                     import evaluate
-                    from test_evaluate import detection_agreement
                     records = [[{"image_id": i, **r} for i, d in enumerate(dets) for r in evaluate.coco_records(
                         {k: v.float().cpu() for k, v in d.items()}, {c: c for c in range(1, 91)})] for dets in (a, b)]
-                    matched, n_old, n_new = detection_agreement(*records)
+                    matched, n_old, n_new = evaluate.detection_agreement(*records)
                     same = f"{matched} of {n_old} old / {n_new} new detections matched"
             else:  # the old NaN objectness (no anchor sampled) is 0 now
                 same = all(torch.equal(a[k], b[k]) or bool(a[k].isnan()) for k in a)
         for version, step in steps.items():
             torch.manual_seed(2)
             structural = count_host_reads(step)
-            real = count_cuda_syncs(step) if device.type == "cuda" else (None, {})
+            real = count_cuda_syncs(step, device) if device.type == "cuda" else (None, {})
             out[f"{what} b{n} {version}"] = {"structural": structural, "structural_total": sum(structural.values()),
                                              "cuda_syncs": real[0], "cuda_by_line": real[1]}
             rows.append([f"{what} b{n}", version, sum(structural.values()), "-" if real[0] is None else real[0],
@@ -265,9 +268,10 @@ def bench_syncs(args):
             rows.append([f"{what} b{n}", "new/old time", f"{times[1] / times[0]:.3f}", "",
                          "outputs equal" if same is True else f"outputs DIFFER: {same}"])
         del steps, results
-    print(f"{args.preset} on {device}: host reads per forward (training: forward and backward of one step)")
+    print(f"{args.preset} on {device}, {hw[0]}x{hw[1]} images: host reads per forward (training: forward and "
+          "backward of one step)")
     print_table(["case", "model.py", "structural", "CUDA syncs", "by op"], rows)
-    write_json(args.json, out)
+    write_json(args.json, {"image_hw": hw, "cases": out})
 
 
 def _syncs_options(p):
@@ -280,23 +284,22 @@ def _syncs_options(p):
 
 def bench_fidelity(args):
     """Folder inference of the same random-init weights on the CPU (FP32) and on --device in FP32 (TF32 off),
-    TF32 and bf16 autocast: the share of detections matched (same label, IoU > 0.99, score within 1e-3; the
-    test_evaluate.py rule). Demo preset (100 detections per image at random init) and R-50-FPN (score_thresh 0)."""
+    TF32 and bf16 autocast: the share of detections matched (same label, IoU > 0.99, score within 1e-3:
+    evaluate.detection_agreement). Demo preset (100 detections per image at random init) and R-50-FPN
+    (score_thresh 0), each at its preset's test size or as --hw says."""
     import tempfile
 
     import checkpoint
-    import config
     import data
     import evaluate
     import model
-    from test_evaluate import detection_agreement
     paths = evaluate.image_paths(args.images)[0]
     out, rows = {}, []
     for preset, overrides, count in (("demo", [], args.demo_images),
                                      ("R-50-FPN", ["score_thresh=0.0"], args.r50_images)):
         torch.manual_seed(0)
-        cfg = config.get(preset, ["device=cpu", *overrides] + (args.overrides.split(";") if args.overrides else []),
-                         verbose=False)
+        overrides = overrides + common.size_overrides(args.hw) + (args.overrides.split(";") if args.overrides else [])
+        cfg = config.get(preset, ["device=cpu", *overrides], verbose=False)
         ckpt = os.path.join(tempfile.mkdtemp(), f"{preset}_random.pth")
         checkpoint.save(ckpt, model.build_model(cfg), cfg)
         records = {}
@@ -315,16 +318,19 @@ def bench_fidelity(args):
             records[k] = [{"file_name": os.path.basename(paths[i]), **r} for i in sorted(dets)
                           for r in evaluate.coco_records(dets[i], label)]
             if k == 0:
-                rows.append([preset, "cpu fp32", len(records[0]), "reference", f"{seconds:.1f}"])
+                rows.append([preset, f"{cfg_d.min_size_test}/{cfg_d.max_size_test}", "cpu fp32", len(records[0]),
+                             "reference", f"{seconds:.1f}"])
                 continue
-            matched, n_ref, n = detection_agreement(records[0], records[k])
+            matched, n_ref, n = evaluate.detection_agreement(records[0], records[k])
             share = matched / max(n_ref, n, 1)
             out[f"{preset} {precision}"] = {"matched": matched, "cpu_detections": n_ref, "device_detections": n,
-                                            "share": share, "seconds": seconds, "images": count}
-            rows.append([preset, f"{dev} {precision}", n, f"{100 * share:.2f}%", f"{seconds:.1f}"])
+                                            "share": share, "seconds": seconds, "images": count,
+                                            "min_size_test": cfg_d.min_size_test, "max_size_test": cfg_d.max_size_test}
+            rows.append([preset, f"{cfg_d.min_size_test}/{cfg_d.max_size_test}", f"{dev} {precision}", n,
+                         f"{100 * share:.2f}%", f"{seconds:.1f}"])
     print(f"folder inference on {args.images}: detections matched against the CPU's (label, IoU > 0.99, score 1e-3)")
-    print_table(["weights", "run", "detections", "matched", "seconds"], rows)
-    write_json(args.json, out)
+    print_table(["weights", "short/long side", "run", "detections", "matched", "seconds"], rows)
+    write_json(args.json, {"image_hw": args.hw, "runs": out})
 
 
 def _fidelity_options(p):
@@ -339,24 +345,24 @@ def _fidelity_options(p):
 def bench_trainloop(args):
     """train.py as a user runs it, on real images (--data, read again and again by its iteration-based sampler)
     with the real loader on --workers processes: images/s and the share of each iteration spent waiting for data,
-    from its log.jsonl, the first log_period iterations (warm-up) left out. Its final checkpoint and evaluation
-    run after the timed loop."""
+    from its log.jsonl, the first log_period iterations (warm-up) left out, and the resize sizes it ran at (the
+    preset's, or --hw's) from the config it logged. Its final checkpoint and evaluation run after the timed loop."""
     import json
     import subprocess
     import sys
     import tempfile
     import checkpoint
-    import config
     import model
     out_dir = tempfile.mkdtemp(prefix="trainloop_")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
-    cfg = config.get(args.config, verbose=False)  # random initial weights, saved: train.py refuses none for a
-    checkpoint.save(os.path.join(out_dir, "init.pth"), model.build_model(cfg), cfg)  # frozen preset
+    overrides = common.size_overrides(args.hw) + (args.overrides.split(";") if args.overrides else [])
+    cfg = config.get(args.config, overrides, verbose=False)  # random initial weights, saved: train.py refuses none
+    checkpoint.save(os.path.join(out_dir, "init.pth"), model.build_model(cfg), cfg)  # for a frozen preset
     cmd = [sys.executable, os.path.join(here, "train.py"), "--config", args.config, f"data_root={args.data}",
            f"output_dir={out_dir}", f"weights={os.path.join(out_dir, 'init.pth')}",
            f"device={args.device}", f"ims_per_batch={args.batch}", f"num_workers={args.workers}",
            f"max_iter={args.iters}", f"log_period={args.log_period}", "checkpoint_period=1000000000",
-           f"amp={'' if args.amp == 'fp32' else args.amp}"] + (args.overrides.split(";") if args.overrides else [])
+           f"amp={'' if args.amp == 'fp32' else args.amp}", *overrides]
     print(" ".join(cmd), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=here)
@@ -364,18 +370,23 @@ def bench_trainloop(args):
     log = os.path.join(out_dir, "log.jsonl")
     records = [json.loads(line) for line in open(log)] if os.path.isfile(log) else []
     loop = [r for r in records if "time" in r][1:]
-    result = {"command": " ".join(cmd), "returncode": proc.returncode, "wall_s": wall, "records": loop,
-              "stderr_tail": proc.stderr[-2000:] if proc.returncode else ""}
+    logged = next((r["config"] for r in records if "config" in r), {})
+    sizes = {k: logged.get(k) for k in ("min_size_train", "max_size_train", "min_size_test", "max_size_test")}
+    result = {"command": " ".join(cmd), "returncode": proc.returncode, "wall_s": wall, "image_hw": args.hw,
+              "sizes": sizes, "records": loop, "stderr_tail": proc.stderr[-2000:] if proc.returncode else ""}
     if loop:
         t = sum(r["time"] for r in loop) / len(loop)
         d = sum(r["data_time"] for r in loop) / len(loop)
         result.update(img_s=args.batch / t, s_per_iter=t, data_share=d / t, memory_mb=loop[-1]["memory_mb"])
-        print(f"train.py {args.config} amp={args.amp} {args.batch} images/iteration, {args.workers} workers: "
+        print(f"train.py {args.config} amp={args.amp} {args.batch} images/iteration (short side "
+              f"{sizes['min_size_train']}, long <= {sizes['max_size_train']}), {args.workers} workers: "
               f"{result['img_s']:.1f} img/s, {t:.3f} s/iter, waiting for data {100 * d / t:.0f}% of it, "
               f"peak {result['memory_mb']:.0f} MiB (exit {proc.returncode}, {wall:.0f} s in all)")
     else:
         print(f"train.py gave no timed iterations (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     write_json(args.json, result)
+    if proc.returncode:  # so `bench.py gpu` lists the step as failed, not as "exit 0"
+        raise SystemExit(f"bench trainloop: train.py exited with {proc.returncode}")
 
 
 def _trainloop_options(p):
@@ -393,7 +404,7 @@ def _trainloop_options(p):
 def bench_profile(args):
     """torch.profiler over --repeats steps after warm-up: the top ops by device time (CPU time on the CPU) and how
     busy the device was over the wall time (a low share means host-bound: Python, launches, synchronisations)."""
-    device = torch.device(args.device)
+    device, hw = torch.device(args.device), args.hw or IMAGE_HW
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -402,28 +413,28 @@ def bench_profile(args):
     for spec in args.cases.split(";"):
         impl, preset, what, n, precision = spec.split(",")
         state = {}
-        net = build_net(impl, preset, device, overrides if impl == "ours" else ())
-        step = make_step(impl, net, what, int(n), device, state)
+        net = build_net(impl, preset, device, hw, overrides if impl == "ours" else ())
+        step = make_step(impl, net, what, int(n), device, hw, state)
         set_precision(precision, state)
         for _ in range(2):
             step()
-        sync(device)
+        launch.synchronize(device)
         with profile(activities=activities) as prof:
             t0 = time.perf_counter()
             for _ in range(args.repeats):
                 step()
-            sync(device)
+            launch.synchronize(device)
             wall = time.perf_counter() - t0
         events = prof.key_averages()
         busy = sum(getattr(e, key, 0) for e in events) / 1e6 if device.type == "cuda" else None
-        head = (f"== {impl} {preset} {what} batch {n} {precision}: {1e3 * wall / args.repeats:.1f} ms per step"
+        head = (f"== {impl} {preset} {what} batch {n} {precision} {hw[0]}x{hw[1]}: {1e3 * wall / args.repeats:.1f} "
+                f"ms per step"
                 + (f", device busy {100 * busy / wall:.0f}% of the wall time" if busy is not None else ""))
         print(head, flush=True)
         text += [head, events.table(sort_by=key, row_limit=args.rows, max_name_column_width=60), ""]
         del net, step, prof
     if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(text))
+        launch.atomic_write(args.out, lambda f: f.write("\n".join(text)), mode="w")
 
 
 def _profile_options(p):
@@ -439,18 +450,19 @@ def bench_extras(args):
     SGD (R-101-FPN's parameters), channels_last off against on, and compile_backbone (torch.compile of the
     backbone; reduce-overhead adds CUDA graphs), with the compile time and whether the results are equal.
     Figures go to --json after each one, so a time limit keeps what was measured."""
-    device = torch.device(args.device)
+    device, hw = torch.device(args.device), args.hw or IMAGE_HW
     overrides = args.overrides.split(";") if args.overrides else []
     out = {}
+    print(f"{hw[0]}x{hw[1]} images", flush=True)
 
     def record(name, **kw):
         out[name] = kw
         print(name, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in kw.items()),
               flush=True)
-        write_json(args.json, out)
+        write_json(args.json, {"image_hw": hw, "records": out})
 
     # fused SGD: one kernel per parameter group instead of foreach's few per step
-    params = [p for p in build_net("ours", "R-101-FPN", device, overrides).parameters() if p.requires_grad]
+    params = [p for p in build_net("ours", "R-101-FPN", device, hw, overrides).parameters() if p.requires_grad]
     gen = torch.Generator(device=device).manual_seed(0)
     grads = [torch.randn(p.shape, generator=gen, device=device) for p in params]
     opts, copies = {}, {}
@@ -470,17 +482,19 @@ def bench_extras(args):
     for precision in args.precisions.split(","):
         for what, n in (("inference", 1), ("training", 2)):
             state = {}
-            steps = [make_step("ours", build_net("ours", "R-50-FPN", device, overrides + [f"channels_last={v}"]),
-                               what, n, device, state) for v in (True, False)]
+            steps = [make_step("ours", build_net("ours", "R-50-FPN", device, hw, overrides + [f"channels_last={v}"]),
+                               what, n, device, hw, state) for v in (True, False)]
             set_precision(precision, state)
             t = median_times(steps, device, args.repeats, warmup=2)
             record(f"channels_last off/on R-50-FPN {what} b{n} {precision}", on_ms=1e3 * t[0], off_ms=1e3 * t[1],
                    off_over_on=t[1] / t[0])
     for mode, what, n, precision in [m.split(":") for m in args.compile.split(",") if m]:
         state = {}
-        eager = make_step("ours", build_net("ours", "R-50-FPN", device, overrides), what, int(n), device, state)
-        compiled = make_step("ours", build_net("ours", "R-50-FPN", device, overrides + [f"compile_backbone={mode}"]),
-                             what, int(n), device, state)
+        eager = make_step("ours", build_net("ours", "R-50-FPN", device, hw, overrides), what, int(n), device, hw,
+                          state)
+        compiled = make_step("ours", build_net("ours", "R-50-FPN", device, hw,
+                                               overrides + [f"compile_backbone={mode}"]), what, int(n), device, hw,
+                             state)
         set_precision(precision, state)
         t0 = time.perf_counter()
         try:
@@ -517,50 +531,71 @@ def bench_gpu(args):
     torchvision, train.py on real images, profiles and the optional speed-ups, each step a child process with its
     own time limit inside --budget seconds; files in --out (at most 8), a summary table printed last.
 
-        python3 bench.py gpu --device cuda --data datasets/coco_tiny --out $OUT          # ~8 minutes on an H200
-        python bench.py gpu --device cpu --dry-run --out /tmp/gpu_dry                    # the same code, tiny sizes
+        python tools/bench.py gpu --device cuda --data datasets/coco_tiny --out $OUT      # ~8 minutes on an H200
+        python tools/bench.py gpu --device cpu --dry-run --hw 96,128 --out /tmp/gpu_dry  # the same code, tiny sizes
+
+    --device, --repeats and --hw go to every step that takes them: the synthetic batches of grid, syncs, profile
+    and extras are h x w, trainloop and fidelity resize their real images to short side min(hw), long side at
+    most max(hw). Without --hw: 800x1216 and the presets' sizes, or 128x192 everywhere with --dry-run.
     """
+    import json
     import signal
     import subprocess
     import sys
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
     args.out, args.data = os.path.abspath(args.out), os.path.abspath(args.data)
-    os.makedirs(args.out, exist_ok=True)
     out = lambda name: os.path.join(args.out, name)  # noqa: E731
     me = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")]
-    common = ["--device", args.device]
     dry = args.dry_run
+    hw = args.hw or (common.DRY_HW if dry else None)
+    device = ["--device", args.device] + (["--hw", f"{hw[0]},{hw[1]}"] if hw else [])  # the flags of every step
+    reps = ["--repeats", str(args.repeats)]
+    models = ["--models", args.models] if args.models else []
+    precisions = ["--precisions", args.precisions or "fp32,bf16"] if args.precisions or dry else []
     tiny = "stage_blocks=(1,1,1,1);stem_channels=8;width_per_group=4;fpn_channels=16;mlp_dim=32"
-    hw = ["--hw", "128,192"] if dry else []
-    reps = ["--repeats", "1" if dry else "5"]
+    loop_dry = ["--config", "demo", "--batch", "2", "--workers", "1", "--iters", "4", "--log-period", "2"]
+    if dry:  # the demo preset on --data's classes (coco_tiny: 80), as a user sets num_classes
+        try:
+            with open(os.path.join(args.data, "annotations", "instances_train2017.json")) as f:
+                classes = len(json.load(f)["categories"]) + 1
+        except (OSError, ValueError, KeyError):
+            classes = 81  # the trainloop step then says what is wrong with --data (train.py's own message)
+        loop_dry += ["--overrides", f"num_classes={classes};test_ims_per_batch=8"]
     steps = [  # (name, command, seconds), the issue's target figures first
-        ("grid", me + ["grid", *common, *hw, *reps, "--json", out("grid.json")] + (
-            ["--train-batches", "1", "--infer-batches", "1", "--precisions", "fp32,bf16", "--matmul-size", "256",
-             "--overrides", tiny] if dry else []), 240),
-        ("trainloop", me + ["trainloop", *common, "--data", args.data, "--json", out("trainloop.json")] + (
-            ["--config", "demo", "--batch", "2", "--workers", "1", "--iters", "4", "--log-period", "2", "--overrides",
-             "min_size_train=(128,);max_size_train=192;min_size_test=128;max_size_test=192;num_classes=81;"
-             "test_ims_per_batch=8"] if dry else []), 150),
-        ("syncs", me + ["syncs", *common, *hw, *reps, "--json", out("syncs.json")] + (["--overrides", tiny] if dry
-                                                                                      else []), 90),
-        ("fidelity", me + ["fidelity", *common, "--images", os.path.join(args.data, "val2017"), "--json",
-                           out("fidelity.json")] + (["--demo-images", "4", "--r50-images", "1", "--precisions",
-                                                      "fp32,bf16", "--overrides", "min_size_test=128;max_size_test=192"]
-                                                     if dry else []), 120),
+        ("grid", me + ["grid", *device, *reps, *models, *precisions, "--json", out("grid.json")] + (
+            ["--train-batches", "1", "--infer-batches", "1", "--matmul-size", "256", "--overrides", tiny] if dry
+            else []), 240),
+        ("trainloop", me + ["trainloop", *device, "--data", args.data, "--json", out("trainloop.json")] + (
+            loop_dry if dry else []), 150),
+        ("syncs", me + ["syncs", *device, *reps, "--json", out("syncs.json")] + (["--overrides", tiny] if dry
+                                                                                 else []), 90),
+        ("fidelity", me + ["fidelity", *device, *precisions, "--images", os.path.join(args.data, "val2017"), "--json",
+                           out("fidelity.json")] + (["--demo-images", "4", "--r50-images", "1"] if dry else []), 120),
         ("pytest", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_ops.py", "test_model.py",
                     "test_evaluate.py", "-k", "cuda or agreement or finite"], 150),
-        ("profile", me + ["profile", *common, *hw, "--repeats", "3", "--out", out("profile.txt")] + (
+        ("profile", me + ["profile", *device, *reps, "--out", out("profile.txt")] + (
             ["--cases", "ours,R-50-FPN,inference,1,fp32;tv-frozen,R-50-FPN,inference,1,fp32;"
                         "ours,R-50-FPN,training,1,bf16", "--overrides", tiny] if dry else []), 90),
-        ("extras", me + ["extras", *common, *hw, *reps, "--json", out("extras.json")] + (
+        ("extras", me + ["extras", *device, *reps, *precisions, "--json", out("extras.json")] + (
             ["--compile", "", "--overrides", tiny] if dry else []), 240),
     ]
+    unknown = set(args.only + args.skip) - {name for name, _, _ in steps}
+    if unknown:
+        raise config.UserError(f"bench gpu: --only/--skip name {', '.join(sorted(unknown))}, not steps; the steps "
+                               f"are {', '.join(name for name, _, _ in steps)}")
+    steps = [step for step in steps if (not args.only or step[0] in args.only) and step[0] not in args.skip]
+    readers = [name for name, _, _ in steps if name in ("trainloop", "fidelity")]
+    absent = [p for p in ("annotations/instances_train2017.json", "train2017", "val2017")
+              if not os.path.exists(os.path.join(args.data, p))]
+    if readers and absent:  # before any device time is spent
+        raise config.UserError(f"bench gpu: --data {args.data} has no {', '.join(absent)}, which "
+                               f"{' and '.join(readers)} read: give --data a folder in COCO's layout such as "
+                               f"datasets/coco_tiny, or leave them out with --skip {','.join(readers)}")
+    os.makedirs(args.out, exist_ok=True)
     deadline = time.time() + args.budget
     status = {}
     with open(out("log.txt"), "w") as log:
         for name, cmd, limit in steps:
-            if args.only and name not in args.only.split(","):
-                continue
             left = deadline - time.time()
             if left < 20:
                 status[name] = "skipped: out of --budget"
@@ -579,14 +614,14 @@ def bench_gpu(args):
                 proc.wait()
                 status[name] = f"TIMED OUT after {limit:.0f} s (partial figures kept)"
             print(f"bench gpu: {name}: {status[name]}", flush=True)
-    summary = gpu_summary(args.out, status)
-    with open(out("summary.txt"), "w") as f:
-        f.write(summary)
+    summary = gpu_summary(args.out, status, hw)
+    launch.atomic_write(out("summary.txt"), lambda f: f.write(summary), mode="w")
     print(summary)
 
 
-def gpu_summary(folder, status):
-    """The short table of `bench.py gpu`: what each step gave, the issue's targets next to the figures."""
+def gpu_summary(folder, status, hw):
+    """The short table of `bench.py gpu`: what each step gave, the issue's targets next to the figures. hw: the
+    --hw every step got (None: 800x1216 and the presets' sizes)."""
     import json
     import re
 
@@ -598,6 +633,8 @@ def gpu_summary(folder, status):
             return None
     lines = ["", "==== bench.py gpu summary ===="]
     grid, syncs, fid, loop, extras = (load(f"{n}.json") for n in ("grid", "syncs", "fidelity", "trainloop", "extras"))
+    lines.append(f"image size: {hw[0]}x{hw[1]} in every step (each given --hw)" if hw else
+                 f"image size: {IMAGE_HW[0]}x{IMAGE_HW[1]} synthetic, the presets' sizes in trainloop and fidelity")
     if grid:
         lines.append(f"device: {grid['info']}; matmul TFLOP/s {grid['matmul_tflops']}")
     for name, s in status.items():
@@ -607,10 +644,11 @@ def gpu_summary(folder, status):
     lines.append(f"pytest (-k 'cuda or agreement or finite'): {tests[0] if tests else 'no result line'}")
     if fid:
         lines.append("fidelity vs CPU FP32 (label, IoU > 0.99, score within 1e-3): " + "; ".join(
-            f"{k} {100 * v['share']:.2f}% of {v['cpu_detections']}" for k, v in fid.items()))
+            f"{k} {100 * v['share']:.2f}% of {v['cpu_detections']}" for k, v in fid["runs"].items()))
     if syncs:
-        for case in sorted({k.rsplit(" ", 1)[0] for k in syncs}):
-            old, new, t = (syncs.get(f"{case} {v}") for v in ("old", "new", "time"))
+        cases = syncs["cases"]
+        for case in sorted({k.rsplit(" ", 1)[0] for k in cases}):
+            old, new, t = (cases.get(f"{case} {v}") for v in ("old", "new", "time"))
             fmt = lambda r: f"{r['structural_total']} structural / {r['cuda_syncs']} CUDA" if r else "-"  # noqa
             lines.append(f"host syncs R-50-FPN {case}: before {fmt(old)}, after {fmt(new)}"
                          + (f"; time after/before {t['new_s'] / t['old_s']:.3f}, outputs equal {t['outputs_equal']}"
@@ -643,7 +681,7 @@ def gpu_summary(folder, status):
                              f"{100 * loop['data_share']:.0f}%, exit {loop['returncode']}" if "img_s" in loop
                              else f"no timed iterations, exit {loop['returncode']}: {loop['stderr_tail'][-300:]}"))
     if extras:
-        for k, v in extras.items():
+        for k, v in extras["records"].items():
             lines.append(f"extra {k}: " + ", ".join(f"{a} {b:.4g}" if isinstance(b, float) else f"{a} {b}"
                                                    for a, b in v.items()))
     lines.append("files: summary.txt log.txt grid.json syncs.json fidelity.json trainloop.json extras.json profile.txt")
@@ -654,5 +692,10 @@ def _gpu_options(p):
     p.add_argument("--data", default="datasets/coco_tiny", help="COCO-layout folder (train2017, val2017, annotations)")
     p.add_argument("--out", default="gpu_check", help="folder for the figures (at most 8 files)")
     p.add_argument("--budget", type=float, default=480, help="seconds for all steps together (default 480)")
-    p.add_argument("--only", default="", help="comma-separated steps to run (default all)")
+    steps = lambda s: [v for v in s.split(",") if v]  # noqa: E731
+    p.add_argument("--only", default=[], type=steps, help="comma-separated steps to run (default all)")
+    p.add_argument("--skip", default=[], type=steps, help="comma-separated steps to leave out (default none)")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes and counts: the whole script on a CPU")
+    p.add_argument("--models", default="", help="presets of the grid, comma-separated (default: the grid's)")
+    p.add_argument("--precisions", default="", help="of the grid, fidelity and extras, comma-separated (default: "
+                                                    "theirs; fp32,bf16 with --dry-run)")

@@ -1,18 +1,17 @@
 """Host memory and time of building the training data at COCO 2017's size, a subcommand of bench.py
-(`python bench.py startup [--polygons] [--ranks 8]`): the summed Pss of the ranks at startup and each loader
+(`python tools/bench.py startup [--polygons] [--ranks 8]`): the summed Pss of the ranks at startup and each loader
 worker's private growth, for a COCO-sized json against a 2,000-image one, and the build time against
 pycocotools' own load.
 """
-import argparse
-import os
-import time
+import bench_common  # noqa: F401  first: it sets OMP_WAIT_POLICY before torch loads and finds the product
+import argparse  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
 
-import torch
+import torch  # noqa: E402
 
-from bench import median_times, print_table
-
-# COCO 2017's 80 category ids: 1..90 with ten gaps, as in instances_train2017.json.
-COCO_CAT_IDS = [c for c in range(1, 91) if c not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+import launch  # noqa: E402
+from bench_common import median_times, print_table  # noqa: E402
 
 
 def make_coco_sized(root, split, num_images, num_boxes, polygons, pool=2000, seed=0):
@@ -28,6 +27,8 @@ def make_coco_sized(root, split, num_images, num_boxes, polygons, pool=2000, see
     import numpy as np
     from PIL import Image
 
+    import evaluate
+
     ann_file = os.path.join(root, "annotations", f"instances_{split}.json")
     if os.path.isfile(ann_file):
         return ann_file
@@ -38,8 +39,7 @@ def make_coco_sized(root, split, num_images, num_boxes, polygons, pool=2000, see
         path = os.path.join(root, "pool", f"{k}.jpg")
         if not os.path.isfile(path):
             pixels = np.random.default_rng([seed, k]).integers(0, 256, (h, w, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(path + ".tmp.jpg", quality=75)
-            os.replace(path + ".tmp.jpg", path)
+            launch.atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="JPEG", quality=75))
     rng = np.random.default_rng([seed, num_images])
     ids = rng.choice(581929, num_images, replace=False) + 1
     which = rng.integers(0, pool, num_images)
@@ -56,15 +56,15 @@ def make_coco_sized(root, split, num_images, num_boxes, polygons, pool=2000, see
     bw, bh = iw * rng.uniform(0.005, 0.9, num_boxes), ih * rng.uniform(0.005, 0.9, num_boxes)
     x, y = rng.random(num_boxes) * (iw - bw), rng.random(num_boxes) * (ih - bh)
     crowd = rng.random(num_boxes) < 0.0106
-    cats = rng.choice(COCO_CAT_IDS, num_boxes)
+    cats = rng.choice(evaluate.COCO_IDS, num_boxes)
     shapes = (["[[" + ", ".join(f"{v:.2f}" for v in rng.uniform(0, 640, 2 * rng.integers(6, 41))) + "]]"
                for _ in range(5000)] if polygons else ["[]"])
     shape_of = rng.integers(0, len(shapes), num_boxes)
     rle = '{"counts": [' + ", ".join(map(str, rng.integers(1, 500, 60).tolist())) + '], "size": [%d, %d]}'
     fmt = ('{"segmentation": %s, "area": %.2f, "iscrowd": %d, "image_id": %d, "bbox": [%.2f, %.2f, %.2f, %.2f], '
            '"category_id": %d, "id": %d}')
-    tmp = ann_file + ".tmp"
-    with open(tmp, "w") as f:
+
+    def write(f):
         f.write('{"info": {"description": "synthetic, shaped like COCO 2017 train", "version": "1.0", "year": 2017}, '
                 '"licenses": [' + ", ".join(f'{{"url": "http://creativecommons.org/", "id": {i}, "name": "cc"}}'
                                             for i in range(1, 9)) + '], "images": [')
@@ -77,8 +77,8 @@ def make_coco_sized(root, split, num_images, num_boxes, polygons, pool=2000, see
                               for j, (i, w, h, bw_, bh_, x_, y_, c, cat, s) in
                               enumerate(zip(*(col[start:start + 100000] for col in columns)), start)))
         f.write('], "categories": ' + json.dumps([{"supercategory": "thing", "id": c, "name": f"class{c}"}
-                                                   for c in COCO_CAT_IDS]) + "}")
-    os.replace(tmp, ann_file)
+                                                   for c in evaluate.COCO_IDS]) + "}")
+    launch.atomic_write(ann_file, write, mode="w")
     return ann_file
 
 
@@ -264,7 +264,7 @@ def bench_startup(args):
             a, b = max(growth[small][k]), max(growth[big][k])
             rows.append([f"loader worker Private_Dirty growth MiB, {what}, worst of {args.workers}", f"{a:.1f}",
                          f"{b:.1f}", f"{b - a:+.1f}", "<= +10"])
-        print("each worker's growth MiB (300 batches; then every entry read + a full gc): " + "; ".join(
+        print(f"each worker's growth MiB ({args.batches} batches; then every entry read + a full gc): " + "; ".join(
             f"{split}: " + ", ".join(f"{x:.1f}" for x in growth[split][0]) + "; " +
             ", ".join(f"{x:.1f}" for x in growth[split][1]) for split in (small, big)))
     cfg = _startup_cfg(args, big)
