@@ -340,7 +340,7 @@ def evaluate_coco(net, cfg, device, rank=0, world_size=1):
 def image_paths(specs):
     """(sorted image paths, the folder their file_name is relative to) of files, folders and globs: what --images
     takes, quoted or expanded by the shell."""
-    paths = []
+    specs, paths = [specs] if isinstance(specs, str) else specs, []
     for spec in specs:
         if os.path.isdir(spec):
             paths += [os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTS)]

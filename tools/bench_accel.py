@@ -293,7 +293,7 @@ def bench_fidelity(args):
     import data
     import evaluate
     import model
-    paths = evaluate.image_paths(args.images)[0]
+    paths = evaluate.image_paths([args.images])[0]
     out, rows = {}, []
     for preset, overrides, count in (("demo", [], args.demo_images),
                                      ("R-50-FPN", ["score_thresh=0.0"], args.r50_images)):
