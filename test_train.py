@@ -648,3 +648,20 @@ def test_resume_past_max_iter_says_so_and_touches_nothing(demo_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"the newest checkpoint in .* is at iteration 4, past max_iter=2: nothing to do", proc.stdout)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+
+
+def test_a_signal_twice_within_a_second_is_one_notice_a_later_one_acts_at_once():
+    import signal
+    seen = []
+    old = {s: signal.signal(s, lambda signum, frame: seen.append(signum)) for s in train.Preemption.SIGNALS}
+    try:
+        stop = train.Preemption()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the same notice through torchrun, milliseconds later
+        assert stop.requested(torch.device("cpu"), 1) == signal.SIGTERM and seen == []
+        stop.at -= train.Preemption.REPEAT + 0.1  # as if the first came more than REPEAT seconds ago
+        os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C: the previous handler (here: recorded) at once
+        assert seen == [signal.SIGINT] and signal.getsignal(signal.SIGINT) is not stop.handle
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)

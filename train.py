@@ -108,17 +108,23 @@ def init_weights(net, cfg, resume, rank):
 
 class Preemption:
     """SIGTERM and SIGINT set a flag that the loop reads after each iteration (every rank agrees through one
-    all-reduce); the first signal's handler restores the previous ones, so a second signal acts at once."""
+    all-reduce). A signal more than REPEAT seconds after the first acts at once, through the previous handlers
+    (Ctrl-C twice); one sooner is the same notice twice: a scheduler that signals every process of a job (SLURM)
+    reaches a rank both directly and through torchrun, which passes its own on."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    REPEAT = 1.0
 
     def __init__(self):
-        self.signum = 0
+        self.signum, self.at = 0, 0.0
         self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
 
     def handle(self, signum, frame):
-        self.signum = signum
-        self.restore()
+        if not self.signum:
+            self.signum, self.at = signum, time.monotonic()
+        elif time.monotonic() - self.at > self.REPEAT:
+            self.restore()
+            signal.raise_signal(signum)  # to the previous handler: the default ends the process
 
     def restore(self):
         for s, handler in self.previous.items():

@@ -51,13 +51,11 @@ echo "slurm_train.sh: job $SLURM_JOB_ID start $((${SLURM_RESTART_COUNT:-0} + 1))
     "$SLURM_JOB_NODELIST, $SLURM_JOB_NUM_NODES node(s) x $GPUS_PER_NODE process(es), output_dir $OUTPUT_DIR"
 
 # SLURM signals every process of a step (proctrack), so a rank gets the TERM twice: from SLURM and from its
-# torchrun, a few ms apart. train.py takes a second signal as "stop now" (a rank running Python with train.py's
-# handler died of it in 7 of 20 tries), hence each rank starts with TERM and INT ignored: its handler takes the
-# first and restores "ignore".
-# So no rank dies of them, and 143 or 130 from rank 0 is train.py's exit after its checkpoint (SIGKILL after
-# KillWait still ends a rank).
+# torchrun, a few ms apart; train.py takes a repeat within a second as the same notice. The rank's bash outlives
+# the signal (a trap, which its child does not inherit) to record train.py's exit code: 143 or 130 after the
+# checkpoint, or 143 for a notice that came before train.py had its handler (the last checkpoint is then newest).
 # shellcheck disable=SC2016  # expanded by the rank's bash, not this one
-rank_cmd='trap "" INT TERM; "$@"; rc=$?; if [ "$RANK" = 0 ]; then echo "$rc" >"$FRCNN_RANK0_EXIT"; fi; exit "$rc"'
+rank_cmd='trap : INT TERM; "$@"; rc=$?; if [ "$RANK" = 0 ]; then echo "$rc" >"$FRCNN_RANK0_EXIT"; fi; exit "$rc"'
 notice=""
 # shellcheck disable=SC2317  # called by the traps
 pass_on() {
