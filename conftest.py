@@ -2,6 +2,7 @@
 crowd, tiny and polygon annotations), tiny model and training settings, and helpers to run the scripts as a user
 would. coco_tiny (80 + 80 real COCO 2017 images in ../shared, absent in a user's clone) is an extra case where
 present, never the only one."""
+import contextlib
 import json
 import os
 import socket
@@ -89,6 +90,27 @@ def coco_like(tmp_path_factory):
 def coco_set(request):
     """The folder of each COCO-layout set (see COCO_SETS), one test run each."""
     return request.getfixturevalue("coco_like") if request.param == "coco_like" else COCO_TINY
+
+
+@contextlib.contextmanager
+def unwritable(folder):
+    """folder made unwritable: chmod for a user, the immutable flag for root (whom chmod does not stop)."""
+    os.chmod(folder, 0o555)
+    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    try:
+        probe = folder / "probe"
+        try:
+            probe.mkdir()
+        except OSError:
+            pass
+        else:
+            probe.rmdir()
+            pytest.skip(f"cannot make {folder} unwritable here (root without chattr)")
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        os.chmod(folder, 0o755)
 
 
 def free_port():

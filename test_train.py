@@ -2,7 +2,6 @@
 processes, coco_tiny end to end, and faults: kill -9 and resume, a worker death under torchrun --max-restarts,
 non-finite losses and weights, and bad user input that must end in a one-paragraph error (exit 2, no traceback).
 Runs train.main in-process on the tiny generated data set, or train.py in a subprocess as a user would."""
-import contextlib
 import glob
 import json
 import math
@@ -21,7 +20,7 @@ import config
 import data
 import logger
 import train
-from conftest import HERE, TINY, free_port, run, train_cmd
+from conftest import HERE, TINY, free_port, run, train_cmd, unwritable
 
 
 def test_lr_function_warmup_steps_and_scaling():
@@ -562,25 +561,6 @@ def test_each_reviewed_fault_is_one_paragraph_exit_2(demo_root, tmp_path, case, 
     assert (tmp_path / "a_file").read_text() == "a file where output_dir points"
 
 
-@contextlib.contextmanager
-def unwritable(folder):
-    """folder made unwritable: chmod for a user, the immutable flag for root (whom chmod does not stop)."""
-    os.chmod(folder, 0o555)
-    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
-    try:
-        probe = folder / "probe"
-        try:
-            probe.mkdir()
-        except OSError:
-            pass
-        else:
-            probe.rmdir()
-            pytest.skip(f"cannot make {folder} unwritable here (root without chattr)")
-        yield
-    finally:
-        if immutable:
-            subprocess.run(["chattr", "-i", str(folder)], check=True)
-        os.chmod(folder, 0o755)
 
 
 @pytest.mark.slow
