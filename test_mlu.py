@@ -44,7 +44,8 @@ def shim(tmp_path_factory):
 def env_for(shim_dir, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FRCNN_OPS", "FAKE_MLU"))}
     path = os.pathsep.join([shim_dir, HERE, os.path.join(HERE, "fake_mlu")])
-    return dict(env, PYTHONPATH=path, OMP_NUM_THREADS="1", **extra)
+    # faulthandler: a crash of the stand-in process (a signal, an abort at exit) shows its Python stacks
+    return dict(env, PYTHONPATH=path, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", **extra)
 
 
 def run(shim_dir, code, args=(), timeout=600, **extra):
