@@ -200,10 +200,11 @@ def output_dir(path, rank=0):
         os.makedirs(path, exist_ok=True)
         lock = open(os.path.join(path, ".lock"), "a+")
     except OSError as e:
-        not_a_folder = os.path.isfile(path) or isinstance(e, (FileExistsError, NotADirectoryError))
-        what = "is a file, not a folder" if not_a_folder else f"cannot be made or written ({e.strerror or e})"
-        raise config.ConfigError(f"output_dir={path} {what}: choose another output_dir=, or make the folder "
-                                 f"writable") from None
+        if os.path.isfile(path) or isinstance(e, (FileExistsError, NotADirectoryError)):
+            what = "is a file, not a folder: choose another output_dir=, or move the file"
+        else:
+            what = f"cannot be made or written ({e.strerror or e}): choose another output_dir=, or make it writable"
+        raise config.ConfigError(f"output_dir={path} {what}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
