@@ -265,6 +265,12 @@ def test_demo_dataset_is_coco_and_deterministic(demo_root, tmp_path):
     mtime = os.path.getmtime(ann)
     demo.make_demo_dataset(demo_root, seed=3, num_train=24, num_val=8)
     assert os.path.getmtime(ann) == mtime
+    # a json cut short (an interrupted copy) is not trusted: the split is written anew, the same bytes again
+    copy = os.path.join(tmp_path, "annotations/instances_val2017.json")
+    whole = open(copy, "rb").read()
+    open(copy, "wb").write(whole[:100])
+    demo.make_demo_dataset(str(tmp_path), seed=3, num_train=24, num_val=8)
+    assert open(copy, "rb").read() == whole
 
 
 def test_missing_root_names_the_file(tmp_path):

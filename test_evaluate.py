@@ -386,3 +386,19 @@ def test_per_class_table_columns():
     cells = [line.split(" | ")[col] for col in range(2) for line in lines[1:]]  # down each column
     assert [cell[:15].strip() for cell in cells] == evaluate.COCO_NAMES  # in category id order
     assert cells[-1] == "toothbrush     0.900 0.500 0.250    630"  # id 90: AP 0.9, 630 boxes
+
+
+def test_output_naming_a_folder_is_refused_before_inference(tmp_path, capsys, monkeypatch):
+    import launch
+    from PIL import Image
+    cfg = config.get("demo", verbose=False)
+    ckpt = str(tmp_path / "demo.pth")
+    checkpoint.save(ckpt, model.build_model(cfg), cfg)
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 30)).save(tmp_path / "images" / "a.png")
+    monkeypatch.setattr(evaluate, "predict", lambda *a, **k: pytest.fail("inference ran"))
+    with pytest.raises(SystemExit) as end:
+        launch.run_cli(lambda: evaluate.main(["--ckpt", ckpt, "--images", str(tmp_path / "images"), "--output",
+                                              str(tmp_path)]))
+    err = capsys.readouterr().err
+    assert end.value.code == 2 and f"--output {tmp_path} is a folder; name the json file to write" in err, err
