@@ -187,9 +187,10 @@ def _drop_segmentation(obj):
 def _records(ann, d, key, required):
     """d[key] as a list of json objects; a missing key is an empty list unless required."""
     records = d.get(key, None if required else [])
-    if not isinstance(records, list) or not all(type(r) is dict for r in records):
-        kind = "absent" if records is None else f"a {type(records).__name__}" if not isinstance(records, list) else \
-            f"a list holding {next(r for r in records if type(r) is not dict)!r}"
+    odd = next((k for k, r in enumerate(records) if type(r) is not dict), None) if isinstance(records, list) else -1
+    if odd is not None:
+        kind = "absent" if records is None else f"a {type(records).__name__}" if odd < 0 else \
+            f"a list holding {records[odd]!r}"
         raise DataError(f"{ann}: '{key}' is {kind}; COCO's format lists its {key} as json objects "
                         f"({{\"id\": ..., ...}})")
     return records
@@ -215,19 +216,22 @@ def _categories(ann, cats):
     return ids, ["__background__"] + [c["name"] for c in cats]
 
 
+_IMAGE_FIELDS = (("id", lambda v: type(v) is int and -2 ** 63 <= v < 2 ** 63, "a 64-bit integer"),
+                 ("width", lambda v: type(v) is int and v > 0, "a positive integer"),
+                 ("height", lambda v: type(v) is int and v > 0, "a positive integer"),
+                 ("file_name", lambda v: type(v) is str and v != "", "a file name"))
+
+
 def _images(ann, images):
     """(ids sorted (N,) int64, width, height, file names in that order). Every entry needs a unique integer 'id',
     a positive integer 'width' and 'height' and a 'file_name'; the first that lacks one is named."""
     for k, img in enumerate(images):
-        bad = next((f for f in ("id", "width", "height", "file_name") if not (
-            type(img.get(f)) is str and img[f] if f == "file_name" else type(img.get(f)) is int and (
-                -2 ** 63 <= img[f] < 2 ** 63 if f == "id" else img[f] > 0))), None)
-        if bad:
-            what = "a 64-bit integer" if bad == "id" else "a file name" if bad == "file_name" else "a positive integer"
-            got = f"{bad} {img[bad]!r}" if bad in img else f"no '{bad}'"
-            raise DataError(f"{ann}: image #{k} of 'images' (id {img.get('id')!r}) has {got}; {what} is needed")
+        for field, usable, what in _IMAGE_FIELDS:
+            if not usable(img.get(field)):
+                got = f"{field} {img[field]!r}" if field in img else f"no '{field}'"
+                raise DataError(f"{ann}: image #{k} of 'images' (id {img.get('id')!r}) has {got}; {what} is needed")
     ids = np.array([img["id"] for img in images], dtype=np.int64)
-    order = np.argsort(ids, kind="stable")  # upstream sorts the image ids
+    order = np.argsort(ids, kind="stable")  # sorted ids, as maskrcnn_benchmark/data/datasets/coco.py
     ids = ids[order]
     repeated = np.flatnonzero(ids[1:] == ids[:-1])
     if len(repeated):

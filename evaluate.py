@@ -36,6 +36,7 @@ import checkpoint
 import config
 import data
 import launch
+import logger
 import model
 
 # COCO's 80 category ids (1..90 with gaps) and names, in the json's order: label l (1..80) is index l - 1
@@ -145,18 +146,17 @@ def coco_evaluator(plain_ids=True):
     """(name, COCO, COCOeval) of the fastest installed evaluator that gives pycocotools' numbers: hotcoco
     (test_evaluate.py), else faster-coco-eval, else pycocotools itself, which alone reads a json whose ids are not
     all non-negative integers (plain_ids False: string category ids, say)."""
-    try:
-        if plain_ids:
+    if plain_ids:
+        try:
             import hotcoco
             return "hotcoco", hotcoco.COCO, hotcoco.COCOeval
-    except ImportError:
-        pass
-    try:
-        if plain_ids:
+        except ImportError:
+            pass
+        try:
             from faster_coco_eval import COCO, COCOeval_faster
             return "faster-coco-eval", COCO, COCOeval_faster
-    except ImportError:
-        pass
+        except ImportError:
+            pass
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     return "pycocotools", COCO, COCOeval
@@ -227,43 +227,6 @@ def per_class_table(per_class, max_width=120):
     return "\n".join(lines)
 
 
-def plot_pr_curves(per_class, pr, png, title, few=5):
-    """pr_curves.png, 1500 x 600 pixels: precision against recall (COCOeval's interpolated precision at its 101
-    recall steps, area all, 100 detections) at IoU 0.5 and at 0.75, for all classes together (the mean over the
-    classes with ground truth, whose area is AP50 or AP75) and for each class when there are at most 2 * few, else
-    the few best (solid) and the few worst (dashed) by that IoU's AP. Drawn on matplotlib's Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(15, 6), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    recall = pr["recall"]
-    valid = [k for k, c in enumerate(per_class) if c["gt_boxes"] > 0]
-    for ax, thresh, key in zip(fig.subplots(1, 2, sharey=True), (0.5, 0.75), ("AP50", "AP75")):
-        p = pr["precision"][int(np.argmin(abs(pr["iou"] - thresh)))]  # (R, K)
-        if valid:
-            ax.plot(recall, p[:, valid].mean(1), color="black", lw=3,
-                    label=f"all {len(valid)} classes ({p[:, valid].mean():.3f})")
-        ranked = sorted(valid, key=lambda k: -per_class[k][key])
-        if len(ranked) <= 2 * few:  # a class keeps its colour in both panels
-            shown = [(k, "-", f"C{k % 10}") for k in ranked]
-            note = f"{key}, every class"
-        else:
-            shown = [(k, "-" if j < few else "--", f"C{j}") for j, k in enumerate(ranked[:few] + ranked[-few:])]
-            note = f"{key}; solid: the {few} best,\ndashed: the {few} worst"
-        for k, style, colour in shown:
-            ax.plot(recall, p[:, k], ls=style, lw=1.5, color=colour,
-                    label=f"{per_class[k]['name']} ({per_class[k][key]:.3f})")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(-0.01, 1.01)  # a class without a true positive lies on precision 0: off the frame's edge
-        ax.set_xlabel("recall")
-        ax.grid(True, alpha=0.3)
-        ax.set_title(f"IoU {thresh:g}")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9, title=note, title_fontsize=9)
-    fig.axes[0].set_ylabel("precision")
-    fig.suptitle(title)
-    launch.atomic_write(png, lambda f: fig.savefig(f, format="png"))
-
-
 def detection_agreement(a, b, iou=0.99, score_tol=1e-3):
     """How far two runs' detections agree (the CPU against an accelerator, one commit against another):
     (matched, len(a), len(b)) for two lists of detection records ({"file_name" or "image_id", "bbox" [x, y, w, h],
@@ -325,7 +288,7 @@ def evaluate_coco(net, cfg, device, rank=0, world_size=1):
         json.dump(metrics, f, indent=1)
     print(f"evaluate: per-class AP of {split} by category id (IoU .50:.95, area all, 100 detections; gt: non-crowd "
           f"boxes)\n{per_class_table(per_class)}")
-    plot_pr_curves(per_class, pr, os.path.join(out, "pr_curves.png"),
+    logger.plot_pr_curves(per_class, pr, os.path.join(out, "pr_curves.png"),
                    f"precision-recall on {split} ({len(ds)} images, {len(results)} detections, {evaluator[0]})")
     for i in range(min(cfg.vis_images, len(ds))):
         draw(ds.path(i), dets[i], ds.names, os.path.join(out, "vis", os.path.basename(ds.path(i))), cfg.vis_score)
@@ -340,7 +303,7 @@ def evaluate_coco(net, cfg, device, rank=0, world_size=1):
 def image_paths(specs):
     """(sorted image paths, the folder their file_name is relative to) of files, folders and globs: what --images
     takes, quoted or expanded by the shell."""
-    specs, paths = [specs] if isinstance(specs, str) else specs, []
+    paths = []
     for spec in specs:
         if os.path.isdir(spec):
             paths += [os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTS)]

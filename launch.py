@@ -217,13 +217,13 @@ def output_dir(path, rank=0):
     lock.truncate(0)
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
     lock.flush()
-    ended = False
     try:
         yield
-        ended = True
-    finally:
-        if not ended and made and os.listdir(path) == [".lock"]:
+    except BaseException:
+        if made and os.listdir(path) == [".lock"]:  # failed before writing anything
             shutil.rmtree(path, ignore_errors=True)
+        raise
+    finally:
         lock.close()
 
 

@@ -2,7 +2,8 @@
 MetricLogger shows it (median over the last 20 iterations, and the average since the run started), the console
 copied to output_dir/log.txt, the same record as a JSON line in log.jsonl together with every iteration's losses
 and lr since the previous line ("per_iter"), TensorBoard event files when tensorboard is installed
-(`tensorboard --logdir output/`), and the loss curves drawn with matplotlib (loss_curves.png) at the end of a run.
+(`tensorboard --logdir output/`); and the run's figures, drawn with matplotlib: loss_curves.png at the end of a run,
+and pr_curves.png for each evaluation (evaluate.py).
 
     log = TrainLog(cfg, rank, world_size, start_iter)
     log.begin(device, resumed)           # the first console line; config and versions as the first JSON line
@@ -251,4 +252,41 @@ def plot_losses(jsonl, png):
     for ax in axes[len(s["raw"]):-1]:
         ax.set_visible(False)
     fig.supxlabel("iteration")
+    launch.atomic_write(png, lambda f: fig.savefig(f, format="png"))
+
+
+def plot_pr_curves(per_class, pr, png, title, few=5):
+    """pr_curves.png, 1500 x 600 pixels: precision against recall (COCOeval's interpolated precision at its 101
+    recall steps, area all, 100 detections) at IoU 0.5 and at 0.75, for all classes together (the mean over the
+    classes with ground truth, whose area is AP50 or AP75) and for each class when there are at most 2 * few, else
+    the few best (solid) and the few worst (dashed) by that IoU's AP. Drawn on matplotlib's Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(15, 6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    recall = pr["recall"]
+    valid = [k for k, c in enumerate(per_class) if c["gt_boxes"] > 0]
+    for ax, thresh, key in zip(fig.subplots(1, 2, sharey=True), (0.5, 0.75), ("AP50", "AP75")):
+        p = pr["precision"][int(np.argmin(abs(pr["iou"] - thresh)))]  # (R, K)
+        if valid:
+            ax.plot(recall, p[:, valid].mean(1), color="black", lw=3,
+                    label=f"all {len(valid)} classes ({p[:, valid].mean():.3f})")
+        ranked = sorted(valid, key=lambda k: -per_class[k][key])
+        if len(ranked) <= 2 * few:  # a class keeps its colour in both panels
+            shown = [(k, "-", f"C{k % 10}") for k in ranked]
+            note = f"{key}, every class"
+        else:
+            shown = [(k, "-" if j < few else "--", f"C{j}") for j, k in enumerate(ranked[:few] + ranked[-few:])]
+            note = f"{key}; solid: the {few} best,\ndashed: the {few} worst"
+        for k, style, colour in shown:
+            ax.plot(recall, p[:, k], ls=style, lw=1.5, color=colour,
+                    label=f"{per_class[k]['name']} ({per_class[k][key]:.3f})")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.01, 1.01)  # a class without a true positive lies on precision 0: off the frame's edge
+        ax.set_xlabel("recall")
+        ax.grid(True, alpha=0.3)
+        ax.set_title(f"IoU {thresh:g}")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9, title=note, title_fontsize=9)
+    fig.axes[0].set_ylabel("precision")
+    fig.suptitle(title)
     launch.atomic_write(png, lambda f: fig.savefig(f, format="png"))

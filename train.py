@@ -16,6 +16,7 @@ config, class names), log.txt, log.jsonl, loss_curves.png and the evaluation's r
 One pass: config, distributed setup, seed, model, optimizer, resume or initial weights, data, loop,
 checkpoints, evaluation.
 """
+import contextlib
 import dataclasses
 import os
 import signal
@@ -113,7 +114,7 @@ class Preemption:
     reaches a rank both directly and through torchrun, which passes its own on."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
-    REPEAT = 1.0
+    REPEAT = 1.0  # seconds
 
     def __init__(self):
         self.signum, self.at = 0, 0.0
@@ -181,7 +182,8 @@ def main(argv=None):
                                  f"set ims_per_batch to a multiple of {world_size}")
     cfg = proposal_cap(cfg, world_size, verbose=rank == 0)
     device = launch.device(cfg.device, local_rank)
-    with launch.output_dir(cfg.output_dir, rank):  # made, checked and locked for the run, before any work
+    with contextlib.ExitStack() as held:  # left in reverse order, whatever ends the run
+        held.enter_context(launch.output_dir(cfg.output_dir, rank))  # made, checked and locked, before any work
         launch.init_process_group(device, rank, world_size)
         launch.numeric_policy(cfg)  # FP32 as upstream ran it; TF32 only with tf32=true
         torch.manual_seed(cfg.seed + rank)
@@ -204,50 +206,48 @@ def main(argv=None):
             torch.set_rng_state(state["rng"][rank % len(state["rng"])])
         ddp = torch.nn.parallel.DistributedDataParallel(net) if world_size > 1 else net
         log, stop = logger.TrainLog(cfg, rank, world_size, start_iter), Preemption()
-        try:
-            log.begin(device, resumed=state is not None)
-            # ---- the loop
-            net.train()
-            end, data_time, iter_time, done = time.time(), 0.0, 0.0, start_iter
-            skipped = 0  # unreadable images this rank's loader passed over (data.py warns once per file)
-            for it, (images, image_sizes, targets, _) in zip(range(start_iter, cfg.max_iter), batches):
-                skipped += sum(len(t.get("skipped", ())) for t in targets)
-                images = images.to(device, non_blocking=True)
-                targets = [{k: t[k].to(device, non_blocking=True) for k in ("boxes", "labels")} for t in targets]
-                data_time += time.time() - end
-                lr = get_lr(it, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group["lr_factor"]
-                log.add(train_step(ddp, optimizer, scaler, images, image_sizes, targets, it, cfg), lr)
-                iter_time += time.time() - end
-                done = it + 1
-                if done % cfg.log_period == 0 or done == cfg.max_iter:
-                    n = (done - start_iter - 1) % cfg.log_period + 1  # iterations since the last line
-                    log.write(done, lr, iter_time / n, data_time / n, launch.peak_memory_mb(device), skipped)
-                    data_time = iter_time = 0.0
-                signum = stop.requested(device, world_size)
-                if done % cfg.checkpoint_period == 0 or done == cfg.max_iter or signum:
-                    save_checkpoint(done, net, optimizer, scaler, loader, cfg, rank)
-                if signum:
-                    if rank == 0:
-                        print(f"train: {signal.Signals(signum).name} at iteration {done}: checkpoint written to "
-                              f"{cfg.output_dir}; continue with --resume", flush=True)
-                    raise SystemExit(128 + signum)
-                if cfg.eval_period and done % cfg.eval_period == 0 and done != cfg.max_iter:
-                    log.eval(done, evaluate.evaluate_coco(net, cfg, device, rank, world_size))
-                    net.train()
-                end = time.time()  # an evaluation's time is not an iteration's
-            metrics = evaluate.evaluate_coco(net, cfg, device, rank, world_size)
-            log.eval(cfg.max_iter, metrics)
-            if rank == 0:
-                checkpoint.save(os.path.join(cfg.output_dir, "model_final.pth"), net, cfg,
-                                categories=data.categories(loader.dataset))
-                print(f"train: done; model_final.pth, log.txt, log.jsonl, loss_curves.png and the evaluation's "
-                      f"results are in {cfg.output_dir}")
-        finally:
-            stop.restore()
-            log.close()
-        launch.finish(world_size)
+        held.callback(log.close)
+        held.callback(stop.restore)
+        log.begin(device, resumed=state is not None)
+        # ---- the loop
+        net.train()
+        end, data_time, iter_time, done = time.time(), 0.0, 0.0, start_iter
+        skipped = 0  # unreadable images this rank's loader passed over (data.py warns once per file)
+        for it, (images, image_sizes, targets, _) in zip(range(start_iter, cfg.max_iter), batches):
+            skipped += sum(len(t.get("skipped", ())) for t in targets)
+            images = images.to(device, non_blocking=True)
+            targets = [{k: t[k].to(device, non_blocking=True) for k in ("boxes", "labels")} for t in targets]
+            data_time += time.time() - end
+            lr = get_lr(it, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_factor"]
+            log.add(train_step(ddp, optimizer, scaler, images, image_sizes, targets, it, cfg), lr)
+            iter_time += time.time() - end
+            done = it + 1
+            if done % cfg.log_period == 0 or done == cfg.max_iter:
+                n = (done - start_iter - 1) % cfg.log_period + 1  # iterations since the last line
+                log.write(done, lr, iter_time / n, data_time / n, launch.peak_memory_mb(device), skipped)
+                data_time = iter_time = 0.0
+            signum = stop.requested(device, world_size)
+            if done % cfg.checkpoint_period == 0 or done == cfg.max_iter or signum:
+                save_checkpoint(done, net, optimizer, scaler, loader, cfg, rank)
+            if signum:
+                if rank == 0:
+                    print(f"train: {signal.Signals(signum).name} at iteration {done}: checkpoint written to "
+                          f"{cfg.output_dir}; continue with --resume", flush=True)
+                raise SystemExit(128 + signum)
+            if cfg.eval_period and done % cfg.eval_period == 0 and done != cfg.max_iter:
+                log.eval(done, evaluate.evaluate_coco(net, cfg, device, rank, world_size))
+                net.train()
+            end = time.time()  # an evaluation's time is not an iteration's
+        metrics = evaluate.evaluate_coco(net, cfg, device, rank, world_size)
+        log.eval(cfg.max_iter, metrics)
+        if rank == 0:
+            checkpoint.save(os.path.join(cfg.output_dir, "model_final.pth"), net, cfg,
+                            categories=data.categories(loader.dataset))
+            print(f"train: done; model_final.pth, log.txt, log.jsonl, loss_curves.png and the evaluation's "
+                  f"results are in {cfg.output_dir}")
+    launch.finish(world_size)
     return metrics
 
 
