@@ -58,6 +58,7 @@ def load(ckpt_path, preset=None, overrides=(), verbose=True):
     device, then the model. Refuses a checkpoint that does not fit the model exactly (checkpoint.load_state).
     categories: [{"id", "name"}] per label (1..K-1) from our checkpoint, COCO's for 81 classes, else numbers."""
     ckpt = checkpoint.load(ckpt_path)
+    state = checkpoint.model_state(ckpt, repr(ckpt_path))  # a file that is no checkpoint is named before any work
     if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
         if preset and verbose:
             print(f"evaluate: {ckpt_path} carries its own config; --config {preset} ignored")
@@ -66,7 +67,7 @@ def load(ckpt_path, preset=None, overrides=(), verbose=True):
         cfg = config.get(preset or "R-101-FPN", overrides, verbose)
     device = launch.device(cfg.device, launch.env()[2])
     net = model.build_model(cfg)
-    n = checkpoint.load_state(net, checkpoint.model_state(ckpt), repr(ckpt_path))
+    n = checkpoint.load_state(net, state, repr(ckpt_path))
     if verbose:
         print(f"evaluate: loaded {n} tensors from {ckpt_path}")
     categories = ckpt.get("categories") if isinstance(ckpt, dict) else None
