@@ -18,10 +18,14 @@ itself) and prints the COCO table and the per-class one.
 --images writes a JSON list, one record per detection: {"file_name", "bbox": [x, y, w, h] in the original image's
 pixels with upstream's +1 width (w = x2 - x1 + 1), "score", "category_id"}, one image per forward unless
 test_ims_per_batch is given: that reproduces upstream exactly (batching changes the padding, maskrcnn-benchmark
-issue 633).
+issue 633). --vis draws each file under its file_name (its path below the inputs' common folder, name and format
+kept: photo.jpg and photo.png, or a/x.jpg and b/x.jpg, are two drawings). A file that cannot be read as an image
+(empty, not an image, truncated) is skipped and named at the end, every readable one is done, and the exit code is
+3 instead of 0; bad input otherwise is one paragraph and exit code 2.
 """
 import collections
 import colorsys
+import contextlib
 import dataclasses
 import glob
 import json
@@ -363,11 +367,27 @@ def run_images(args, net, cfg, device, categories, rank, world_size):
     if not ds.paths:
         raise data.UnreadableImage(f"--images: none of the {len(paths)} files can be read as an image: "
                                    + skipped_list(unreadable, base))
+    made = []  # the folders this command makes, removed again if it fails before writing there
     for folder in [os.path.dirname(os.path.abspath(args.output))] + ([args.vis] if args.vis else []):
-        try:  # before any inference: a bad path fails now, not after an hour
+        folder = os.path.abspath(folder)
+        while not os.path.lexists(folder) and folder not in made:
+            made.append(folder)
+            folder = os.path.dirname(folder)
+    try:
+        for folder in made[::-1]:  # before any inference: a bad path fails now, not after an hour
             os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise config.UserError(f"cannot create the output folder {folder!r}: {e.strerror}") from None
+        return _run_images(args, net, cfg, device, categories, rank, world_size, ds, base, len(paths), unreadable)
+    except BaseException as e:
+        for folder in sorted(made, key=len, reverse=True):  # the deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only if empty
+        if isinstance(e, OSError) and not isinstance(e, config.UserError) and e.filename in made:
+            raise config.UserError(f"cannot create the output folder {e.filename!r}: {e.strerror}") from None
+        raise
+
+
+def _run_images(args, net, cfg, device, categories, rank, world_size, ds, base, total, unreadable):
+    """run_images once its folders exist: inference, then the json, then the drawings, then the skipped files."""
     label_to_cat_id = {label: c["id"] for label, c in enumerate(categories, 1)}
     names = ["__background__"] + [c["name"] for c in categories]
     loader = data.make_test_loader(cfg, rank=rank, world_size=world_size, dataset=ds)
@@ -376,6 +396,9 @@ def run_images(args, net, cfg, device, categories, rank, world_size):
         return 0
     unreadable.update((ds.paths[i], d["unreadable"]) for i, d in dets.items() if "unreadable" in d)
     done = sorted(i for i, d in dets.items() if "unreadable" not in d)
+    if not done:
+        raise data.UnreadableImage(f"--images: none of the {total} files can be read as an image: "
+                                   + skipped_list(unreadable, base))
     results = [{"file_name": os.path.relpath(ds.paths[i], base), **r}
                for i in done for r in coco_records(dets[i], label_to_cat_id)]
     write_json(args.output, results)  # first: the detections are the result, the drawings a view of it
@@ -386,7 +409,7 @@ def run_images(args, net, cfg, device, categories, rank, world_size):
     print(f"evaluate: {len(results)} detections on {len(done)} images -> {args.output}"
           + (f"; drawn (score >= {cfg.vis_score}) into {args.vis}" if args.vis else ""))
     if unreadable:
-        print(f"evaluate: warning: {len(unreadable)} of {len(paths)} files skipped, unreadable as images (exit code "
+        print(f"evaluate: warning: {len(unreadable)} of {total} files skipped, unreadable as images (exit code "
               f"{SKIPPED_EXIT}): {skipped_list(unreadable, base)}", file=sys.stderr, flush=True)
     return len(unreadable)
 

@@ -174,6 +174,9 @@ class OutputError(config.UserError, OSError):
     """An output file that cannot be written for a reason the user fixes (a full disk or quota, a read-only or
     unwritable folder); .errno and .strerror are the OSError's, the message names the file and its folder."""
 
+    def __str__(self):  # the message, not OSError's "[Errno 28] ..." form that setting .errno brings
+        return self.args[0]
+
 
 _USERS_TO_FIX = {errno.ENOSPC: "free space there", errno.EDQUOT: "free space there or raise the quota",
                  errno.EFBIG: "free space there or write to another file system", errno.EROFS: "choose another folder",
