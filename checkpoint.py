@@ -12,6 +12,7 @@ Loading never runs code from the file: torch.load(weights_only=True), and a rest
 import importlib
 import os
 import pickle
+import re
 import warnings
 
 import numpy as np
@@ -39,10 +40,10 @@ def load(path, what="checkpoint"):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises EOFError, KeyError, RuntimeError, UnpicklingError ... for a bad file
-        lines = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
-        if isinstance(e, pickle.UnpicklingError) and lines:
+        found = re.search(r"Unsupported (class|global)[^\n]*|[^\n]*GLOBAL[^\n]*", str(e))  # torch 2.1 | later
+        if isinstance(e, pickle.UnpicklingError) and found:
             raise CheckpointError(f"refusing to load {what} {path!r}: it holds objects other than tensors and plain "
-                                  f"containers ({lines[0][:200]})") from None
+                                  f"containers ({found.group(0).split(' was not')[0].strip()[:200]})") from None
         zip_reader = f" ({str(e).split('.')[0][:160]})" if isinstance(e, RuntimeError) else ""  # says where
         raise CheckpointError(f"cannot read {what} {path!r}: {_sniff(path)}{zip_reader}") from None
 
