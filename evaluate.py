@@ -349,69 +349,56 @@ def image_paths(specs):
 
 def run_images(args, net, cfg, device, categories, rank, world_size):
     """Detections on the --images files into the --output json (the checkpoint's category ids), drawn into --vis
-    (its class names) when given, each drawing under the file's own name and format at the path its json
-    file_name gives, so no two inputs share one. A file that cannot be read is skipped and named at the end;
-    returns how many were skipped (main exits with SKIPPED_EXIT then)."""
+    (its class names) when given, each at its json file_name in its own name and format, so no two inputs share a
+    drawing. A file that cannot be read is skipped and named at the end; returns how many were (main then exits
+    with SKIPPED_EXIT). Folders it makes are removed again if it fails before writing there."""
     paths, base = image_paths(args.images)
     if os.path.isdir(args.output):
         raise config.UserError(f"--output {args.output} is a folder; name the json file to write (--output "
                                f"{os.path.join(args.output, 'dets.json')})")
-    targets = [args.output] + [os.path.join(args.vis, os.path.relpath(p, base)) for p in paths if args.vis]
     inputs = {os.path.realpath(p) for p in paths}
-    over = [t for t in targets if os.path.realpath(t) in inputs]
-    if over:  # --vis naming the images' own folder would draw over the photos
-        raise config.UserError(f"writing {over[0]} would overwrite an input image: choose another "
-                               f"{'--output' if over[0] == args.output else '--vis folder'}")
-    ds = data.ImageFiles(paths, cfg)  # reads each header: a file that is no image is set aside now
-    unreadable = dict(ds.unreadable)
-    if not ds.paths:
-        raise data.UnreadableImage(f"--images: none of the {len(paths)} files can be read as an image: "
-                                   + skipped_list(unreadable, base))
-    made = []  # the folders this command makes, removed again if it fails before writing there
-    for folder in [os.path.dirname(os.path.abspath(args.output))] + ([args.vis] if args.vis else []):
-        folder = os.path.abspath(folder)
+    for target in [args.output] + [os.path.join(args.vis, os.path.relpath(p, base)) for p in paths if args.vis]:
+        if os.path.realpath(target) in inputs:  # --vis naming the images' own folder would draw over the photos
+            raise config.UserError(f"writing {target} would overwrite an input image: choose another "
+                                   f"{'--output' if target == args.output else '--vis folder'}")
+    made = []
+    for folder in [os.path.dirname(os.path.abspath(args.output))] + ([os.path.abspath(args.vis)] if args.vis else []):
         while not os.path.lexists(folder) and folder not in made:
-            made.append(folder)
-            folder = os.path.dirname(folder)
+            made, folder = made + [folder], os.path.dirname(folder)
+    ds = data.ImageFiles(paths, cfg)  # reads each header: a file that is no image is set aside now
+    skipped, done = dict(ds.unreadable), []
     try:
-        for folder in made[::-1]:  # before any inference: a bad path fails now, not after an hour
+        for folder in sorted(made, key=len):  # before any inference: a bad path fails now, not after an hour
             os.makedirs(folder, exist_ok=True)
-        return _run_images(args, net, cfg, device, categories, rank, world_size, ds, base, len(paths), unreadable)
+        dets = predict(net, data.make_test_loader(cfg, rank=rank, world_size=world_size, dataset=ds), device, rank,
+                       cfg.amp) if ds.paths else {}
+        if rank != 0:
+            return 0
+        skipped.update((ds.paths[i], d["unreadable"]) for i, d in dets.items() if "unreadable" in d)
+        done = sorted(i for i, d in dets.items() if "unreadable" not in d)
+        if not done:
+            raise data.UnreadableImage(f"--images: none of the {len(paths)} files can be read as an image: "
+                                       + skipped_list(skipped, base))
+        label_to_cat_id = {label: c["id"] for label, c in enumerate(categories, 1)}
+        results = [{"file_name": os.path.relpath(ds.paths[i], base), **r}
+                   for i in done for r in coco_records(dets[i], label_to_cat_id)]
+        write_json(args.output, results)  # first: the detections are the result, the drawings a view of it
+        for i in done if args.vis else ():
+            draw(ds.paths[i], dets[i], ["__background__"] + [c["name"] for c in categories],
+                 os.path.join(args.vis, os.path.relpath(ds.paths[i], base)), cfg.vis_score)
     except BaseException as e:
-        for folder in sorted(made, key=len, reverse=True):  # the deepest first
+        for folder in sorted(made, key=len, reverse=True):
             with contextlib.suppress(OSError):
-                os.rmdir(folder)  # only if empty
+                os.rmdir(folder)  # only where nothing was written
         if isinstance(e, OSError) and not isinstance(e, config.UserError) and e.filename in made:
             raise config.UserError(f"cannot create the output folder {e.filename!r}: {e.strerror}") from None
         raise
-
-
-def _run_images(args, net, cfg, device, categories, rank, world_size, ds, base, total, unreadable):
-    """run_images once its folders exist: inference, then the json, then the drawings, then the skipped files."""
-    label_to_cat_id = {label: c["id"] for label, c in enumerate(categories, 1)}
-    names = ["__background__"] + [c["name"] for c in categories]
-    loader = data.make_test_loader(cfg, rank=rank, world_size=world_size, dataset=ds)
-    dets = predict(net, loader, device, rank, cfg.amp)
-    if rank != 0:
-        return 0
-    unreadable.update((ds.paths[i], d["unreadable"]) for i, d in dets.items() if "unreadable" in d)
-    done = sorted(i for i, d in dets.items() if "unreadable" not in d)
-    if not done:
-        raise data.UnreadableImage(f"--images: none of the {total} files can be read as an image: "
-                                   + skipped_list(unreadable, base))
-    results = [{"file_name": os.path.relpath(ds.paths[i], base), **r}
-               for i in done for r in coco_records(dets[i], label_to_cat_id)]
-    write_json(args.output, results)  # first: the detections are the result, the drawings a view of it
-    if args.vis:
-        for i in done:
-            draw(ds.paths[i], dets[i], names, os.path.join(args.vis, os.path.relpath(ds.paths[i], base)),
-                 cfg.vis_score)
     print(f"evaluate: {len(results)} detections on {len(done)} images -> {args.output}"
           + (f"; drawn (score >= {cfg.vis_score}) into {args.vis}" if args.vis else ""))
-    if unreadable:
-        print(f"evaluate: warning: {len(unreadable)} of {total} files skipped, unreadable as images (exit code "
-              f"{SKIPPED_EXIT}): {skipped_list(unreadable, base)}", file=sys.stderr, flush=True)
-    return len(unreadable)
+    if skipped:
+        print(f"evaluate: warning: {len(skipped)} of {len(paths)} files skipped, unreadable as images (exit code "
+              f"{SKIPPED_EXIT}): {skipped_list(skipped, base)}", file=sys.stderr, flush=True)
+    return len(skipped)
 
 
 def skipped_list(unreadable, base, limit=20):
