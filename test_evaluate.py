@@ -592,3 +592,19 @@ def test_labels_stay_inside_the_image(tmp_path):
     assert label_width(150, 300, [100., 50., 140., 90.], 45) == middle  # would pass the right edge at x = 150
     assert label_width(150, 300, [140., 50., 149., 90.], 45) == middle  # a box at the very edge
     assert label_width(300, 150, [10., 130., 60., 149.], 125) == middle  # at the bottom: above it, inside
+
+
+def test_split_drawings_keep_the_json_file_names_sub_folders(tmp_path, demo_ckpt, capsys):
+    from conftest import ann, solid, write_split
+    (tmp_path / "s" / "a").mkdir(parents=True)
+    (tmp_path / "s" / "b").mkdir()
+    cats = [{"id": i, "name": n} for i, n in enumerate(("rectangle", "ellipse", "triangle"), 1)]
+    root = write_split(tmp_path, [(1, "a/x.jpg", solid((250, 0, 0))), (2, "b/x.jpg", solid((0, 0, 250)))],
+                       [ann(1, 1, [5, 5, 20, 15]), ann(2, 2, [5, 5, 20, 15])], cats)
+    out = tmp_path / "ev"
+    code, _, err = run_main(["--ckpt", demo_ckpt, f"data_root={root}", "val_split=s", "vis_images=2",
+                             f"output_dir={out}"], capsys)
+    assert code == 0, err
+    from PIL import Image
+    reds = [np.asarray(Image.open(out / "vis" / n), np.int16)[..., 0].mean() for n in ("a/x.jpg", "b/x.jpg")]
+    assert reds[0] > 200 > 50 > reds[1]  # two drawings, each of its own picture
