@@ -227,12 +227,13 @@ class ImageFiles(torch.utils.data.Dataset):
         for path in paths:
             try:
                 if os.path.getsize(path) == 0:
-                    raise ValueError("the file is empty (0 bytes)")
+                    self.unreadable[path] = "the file is empty (0 bytes)"
+                    continue
                 with Image.open(path) as img:
                     self.sizes.append(img.size)
                 self.paths.append(path)
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ... for a file it cannot read
-                self.unreadable[path] = _reason(e)
+                self.unreadable[path] = _reason(e, path)
         self.aspect_group = np.array([int(h >= w) for w, h in self.sizes], dtype=np.int64)
 
     def __len__(self):
@@ -245,15 +246,14 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             img = load_image(self.paths[index])
         except UnreadableImage as e:
-            return torch.zeros(3, 32, 32), {"unreadable": _reason(e.__cause__)}, index
+            return torch.zeros(3, 32, 32), {"unreadable": _reason(e.__cause__, self.paths[index])}, index
         img, _, _ = transform(img, np.zeros((0, 4), np.float32), self.cfg, None)
         return to_model_tensor(img, self.cfg.pixel_mean), {}, index
 
 
-def _reason(e):
-    """Why a file is no image, in a few words: PIL's message without the path it repeats."""
-    msg = str(e).split(" '/")[0].split(' "/')[0] if not isinstance(e, ValueError) else str(e)
-    return msg if isinstance(e, ValueError) else f"{type(e).__name__}: {msg}"
+def _reason(e, path):
+    """Why path is no image, in a few words: PIL's error without the path it repeats."""
+    return f"{type(e).__name__}: {str(e).replace(repr(path), '').replace(path, '').strip()}"
 
 
 def random_crop(img, boxes, size, rng, tries=10):

@@ -198,7 +198,7 @@ def atomic_write(path, write, mode="wb"):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         # torch.save's zip writer raises a RuntimeError whose context is the OSError (a full disk as it closes)
-        cause = e if isinstance(e, OSError) else e.__context__
+        cause = e if isinstance(e, OSError) else e.__context__ if isinstance(e, RuntimeError) else None
         if isinstance(e, OutputError) or not isinstance(cause, OSError) or cause.errno not in _USERS_TO_FIX:
             raise
         folder = os.path.dirname(os.path.abspath(path))
