@@ -97,10 +97,11 @@ def predict(net, loader, device, rank=0, amp=""):
         for images, sizes, targets, indices in loader:
             bad = {i: t["unreadable"] for i, t in zip(indices, targets) if "unreadable" in t}  # ImageFiles only
             mine.update((i, {"unreadable": why}) for i, why in bad.items())
-            if len(bad) < len(indices):
+            out = []
+            if len(bad) < len(indices):  # an image that failed to decode is a stand-in: its detections are dropped
                 with launch.autocast(device, amp):
                     out = net(images.to(device), sizes)
-            for i, (rh, rw), det in zip(indices, sizes, out if len(bad) < len(indices) else []):
+            for i, (rh, rw), det in zip(indices, sizes, out):
                 if i in bad:
                     continue
                 det = {k: v.cpu() for k, v in det.items()}
