@@ -12,6 +12,8 @@ Loading never runs code from the file: torch.load(weights_only=True), and a rest
 import importlib
 import os
 import pickle
+import re
+import warnings
 
 import numpy as np
 import torch
@@ -28,27 +30,72 @@ class CheckpointError(config.UserError, RuntimeError):
     """A weights file that cannot be used as asked: the message names the file and the offending keys."""
 
 
-def load(path):
-    """The checkpoint dict of a .pth file, without running code from it (weights_only)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
+def load(path, what="checkpoint"):
+    """The checkpoint dict of a .pth file, without running code from it (weights_only). Anything that is not one
+    (a folder, an empty or text file, a truncated zip, a pickle of other objects) is a CheckpointError that names
+    the file and says what it is."""
+    _check_file(path, what)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refusing to load {path!r}: it holds objects other than tensors and plain "
-                              f"containers ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as e:  # torch's zip reader: truncated, corrupt or not a checkpoint
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {str(e).splitlines()[0][:200]} (truncated or "
-                              f"not a PyTorch file?)") from None
+        with warnings.catch_warnings():  # torch warns about a pickle protocol before failing on it: the error says
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises EOFError, KeyError, RuntimeError, UnpicklingError ... for a bad file
+        found = re.search(r"Unsupported (class|global)[^\n]*|[^\n]*GLOBAL[^\n]*", str(e))  # torch 2.1 | later
+        if isinstance(e, pickle.UnpicklingError) and found:
+            raise CheckpointError(f"refusing to load {what} {path!r}: it holds objects other than tensors and plain "
+                                  f"containers ({found.group(0).split(' was not')[0].strip()[:200]})") from None
+        zip_reader = f" ({str(e).split('.')[0][:160]})" if isinstance(e, RuntimeError) else ""  # says where
+        raise CheckpointError(f"cannot read {what} {path!r}: {_sniff(path)}{zip_reader}") from None
 
 
-def model_state(ckpt):
+def _check_file(path, what):
+    """A CheckpointError unless path is a file that can be opened; a folder's .pth/.pkl files are named."""
+    if os.path.isdir(path):
+        inside = sorted(n for n in os.listdir(path) if n.endswith((".pth", ".pkl")))
+        hint = f"; it holds {_names(inside, 4)}" if inside else ""
+        raise CheckpointError(f"{what} {path!r} is a folder, not a file: name the file itself{hint}")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{what} {path!r} does not exist")
+    try:
+        open(path, "rb").close()
+    except OSError as e:
+        raise CheckpointError(f"cannot open {what} {path!r}: {e.strerror or e}") from None
+
+
+def _sniff(path):
+    """What a file that is not a checkpoint holds, from its size and first bytes, for a message."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not size:
+        return "the file is empty (0 bytes)"
+    if head.startswith(b"PK\x03\x04"):  # torch.save's format since torch 1.6
+        return (f"a zip archive of {size} bytes that is truncated (an interrupted copy or download?), damaged or "
+                f"not torch.save's")
+    if head.startswith(b"\x80"):
+        return f"a Python pickle of {size} bytes that is truncated or not a checkpoint"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if text.strip() and all(c.isprintable() or c.isspace() for c in text):
+        return (f"a text file of {size} bytes, starting {text.split(chr(10))[0][:40]!r} (an error page or a "
+                f"Git LFS pointer instead of the file?)")
+    return f"{size} bytes in no format torch.load reads (starting {head[:8].hex(' ')})"
+
+
+def model_state(ckpt, source="the checkpoint"):
     """The state dict inside an upstream or own checkpoint ({"model": ...}) or a bare state dict, with
     DistributedDataParallel's "module." prefix removed when every key carries it (as upstream's
-    utils/model_serialization.py, strip_prefix_if_present)."""
+    utils/model_serialization.py, strip_prefix_if_present). source names the file in the error."""
     sd = ckpt["model"] if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) else ckpt
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError("no state dict found: expected {'model': {name: tensor}} or {name: tensor}")
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        if isinstance(sd, dict) and sd:
+            held = f"a dict ({_names(map(str, sd), 4)}) whose values are not all tensors"
+        else:
+            held = f"{'an empty' if isinstance(sd, (dict, list, tuple)) and not sd else 'a'} {type(sd).__name__}"
+        raise CheckpointError(f"{source} is not a checkpoint: it holds {held}, not {{'model': {{name: tensor}}}} "
+                              f"or {{name: tensor}}")
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
@@ -105,12 +152,13 @@ def load_weights(net, path, verbose=True):
     """Initial weights for training: a Detectron ImageNet pickle (.pkl), or a detector checkpoint (upstream's
     .pth, with or without "module.", or one of ours), whose class-dependent predictor is skipped, saying so,
     when its class count differs from the model's (fine-tuning). Everything else must fit exactly."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise CheckpointError(f"weights {path!r} not found. ImageNet backbones: {IMAGENET_URL}; the released "
                               f"detectors: {DETECTOR_URL}")
+    _check_file(path, "weights")
     if path.endswith(".pkl"):
         return load_detectron_pickle(net, path, verbose)
-    sd = model_state(load(path))
+    sd = model_state(load(path, "weights"), f"weights {path!r}")
     own = net.state_dict()
     skip = any(k.startswith(PREDICTOR_KEYS) and k in own and v.shape != own[k].shape for k, v in sd.items())
     n = load_state(net, sd, repr(path), skip_predictor=skip, verbose=verbose)
@@ -147,7 +195,8 @@ def training_checkpoints(out_dir):
     """Paths of the training checkpoints in out_dir, newest (highest iteration) first."""
     if not os.path.isdir(out_dir):
         return []
-    names = [n for n in os.listdir(out_dir) if n.startswith("model_") and n.endswith(".pth") and n[6:-4].isdigit()]
+    names = [n for n in os.listdir(out_dir) if n.startswith("model_") and n.endswith(".pth") and n[6:-4].isdigit()
+             and os.path.isfile(os.path.join(out_dir, n))]  # a folder of that name is not ours to load or delete
     return [os.path.join(out_dir, n) for n in sorted(names, key=lambda n: int(n[6:-4]), reverse=True)]
 
 
@@ -157,22 +206,31 @@ def save_training(out_dir, iteration, net, optimizer, cfg, keep=3, **extra):
     path = os.path.join(out_dir, f"model_{iteration:07d}.pth")
     save(path, net, cfg, optimizer=optimizer.state_dict(), iteration=iteration, **extra)
     _atomic_write(os.path.join(out_dir, "last_checkpoint"), lambda f: f.write(os.path.basename(path).encode()))
-    for old in training_checkpoints(out_dir)[max(keep, 1):]:
+    # only those up to this iteration: a damaged newer file (skipped by --resume) must not crowd out the new ones
+    older = [p for p in training_checkpoints(out_dir) if int(os.path.basename(p)[6:-4]) <= iteration]
+    for old in older[max(keep, 1):]:
         os.remove(old)
     return path
 
 
 def latest_training(out_dir):
-    """(path, checkpoint dict) of the newest checkpoint in out_dir that loads completely, or (None, None).
-    A truncated or corrupt file is reported and skipped, never loaded half."""
-    for path in training_checkpoints(out_dir):
+    """(path, checkpoint dict) of the newest checkpoint in out_dir that loads completely, or (None, None) when there
+    is none. A damaged one (truncated, or not a checkpoint at all) is named and skipped, never loaded half; when
+    none of them loads, a CheckpointError: starting again from iteration 0 would go on beside them in silence."""
+    paths = training_checkpoints(out_dir)
+    for path in paths:
         try:
             ckpt = load(path)
-            if not {"model", "optimizer", "iteration", "config"} <= set(ckpt):
-                raise CheckpointError("not a training checkpoint (no optimizer or iteration)")
+            model_state(ckpt, repr(path))
+            if not isinstance(ckpt, dict) or not {"model", "optimizer", "iteration", "config"} <= set(ckpt):
+                raise CheckpointError(f"{path!r} is not a training checkpoint (no optimizer, iteration or config)")
             return path, ckpt
-        except Exception as e:  # torch raises several types for a damaged zip; every one means "skip"
-            print(f"checkpoint: skipping {path}: cannot be loaded ({str(e).splitlines()[0][:200]})")
+        except CheckpointError as e:
+            print(f"checkpoint: --resume skips {os.path.basename(path)}: {e}", flush=True)
+    if paths:
+        raise CheckpointError(f"--resume: none of the {len(paths)} training checkpoints in {out_dir} loads (each "
+                              f"is named above), so there is nothing to continue from. Move them away (or choose "
+                              f"another output_dir=) to start again from iteration 0")
     return None, None
 
 
@@ -190,6 +248,10 @@ _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray"
             ("_codecs", "encode")}  # how protocol-2 pickles written by Python 3 spell bytes; pure data
 
 
+class _Refused(pickle.UnpicklingError):
+    """A global the restricted unpickler does not admit."""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Admits numpy arrays, numpy dtypes/scalars and plain containers; any other global is refused."""
 
@@ -197,7 +259,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) in _ALLOWED:
             return _numpy_global(module, name) if module.startswith("numpy") else getattr(
                 importlib.import_module(module), name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+        raise _Refused(f"global '{module}.{name}' is not allowed")
 
 
 def read_pickle(path):
@@ -206,8 +268,10 @@ def read_pickle(path):
     try:
         with open(path, "rb") as f:
             data = _RestrictedUnpickler(f, encoding="latin1").load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise CheckpointError(f"refusing to load {path!r}: it is not a plain pickle of arrays ({e})") from None
+    except Exception as e:  # pickle raises EOFError, UnpicklingError, KeyError, ValueError ... for a bad file
+        raise CheckpointError(f"cannot read weights {path!r}: {_sniff(path)}") from None
     if isinstance(data, dict) and isinstance(data.get("blobs"), dict):
         data = data["blobs"]
     if not isinstance(data, dict):

@@ -193,8 +193,9 @@ class CocoDetection(torch.utils.data.Dataset):
         try:
             img = load_image(path)
         except UnreadableImage as e:
+            e = UnreadableImage(f"{e} (image id {self.ids[index]} of {self.ann_file})")
             if not self.train:
-                raise
+                raise e from None
             _warn_once(path, f"{e}; skipped in training, replaced by the next image that loads")
             return None
         w, h = img.size
@@ -216,17 +217,23 @@ class CocoDetection(torch.utils.data.Dataset):
 
 class ImageFiles(torch.utils.data.Dataset):
     """Image files for inference, preprocessed exactly as a COCO split at test time: item i -> (image (3, H, W),
-    {}, i). .sizes holds each file's (w, h), read from its header here, so a file that is not an image is named
-    before any inference."""
+    {}, i). .sizes holds each file's (w, h), read from its header here: a file that is not an image (empty, text,
+    an unknown format) goes to .unreadable {path: reason} instead of .paths, before any inference, and one that
+    fails to decode later (truncated) comes as a 32x32 stand-in with {"unreadable": reason}, so one bad file in a
+    folder stops nothing."""
 
     def __init__(self, paths, cfg):
-        self.paths, self.cfg, self.sizes = list(paths), cfg, []
-        for path in self.paths:
+        self.paths, self.cfg, self.sizes, self.unreadable = [], cfg, [], {}
+        for path in paths:
             try:
+                if os.path.getsize(path) == 0:
+                    self.unreadable[path] = "the file is empty (0 bytes)"
+                    continue
                 with Image.open(path) as img:
                     self.sizes.append(img.size)
+                self.paths.append(path)
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ... for a file it cannot read
-                raise UnreadableImage(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+                self.unreadable[path] = _reason(e, path)
         self.aspect_group = np.array([int(h >= w) for w, h in self.sizes], dtype=np.int64)
 
     def __len__(self):
@@ -236,8 +243,17 @@ class ImageFiles(torch.utils.data.Dataset):
         return self.paths[index]
 
     def __getitem__(self, index):
-        img, _, _ = transform(load_image(self.paths[index]), np.zeros((0, 4), np.float32), self.cfg, None)
+        try:
+            img = load_image(self.paths[index])
+        except UnreadableImage as e:
+            return torch.zeros(3, 32, 32), {"unreadable": _reason(e.__cause__, self.paths[index])}, index
+        img, _, _ = transform(img, np.zeros((0, 4), np.float32), self.cfg, None)
         return to_model_tensor(img, self.cfg.pixel_mean), {}, index
+
+
+def _reason(e, path):
+    """Why path is no image, in a few words: PIL's error without the path it repeats."""
+    return f"{type(e).__name__}: {str(e).replace(repr(path), '').replace(path, '').strip()}"
 
 
 def random_crop(img, boxes, size, rng, tries=10):

@@ -18,14 +18,19 @@ itself) and prints the COCO table and the per-class one.
 --images writes a JSON list, one record per detection: {"file_name", "bbox": [x, y, w, h] in the original image's
 pixels with upstream's +1 width (w = x2 - x1 + 1), "score", "category_id"}, one image per forward unless
 test_ims_per_batch is given: that reproduces upstream exactly (batching changes the padding, maskrcnn-benchmark
-issue 633).
+issue 633). --vis draws each file under its file_name (its path below the inputs' common folder, name and format
+kept: photo.jpg and photo.png, or a/x.jpg and b/x.jpg, are two drawings). A file that cannot be read as an image
+(empty, not an image, truncated) is skipped and named at the end, every readable one is done, and the exit code is
+3 instead of 0; bad input otherwise is one paragraph and exit code 2.
 """
 import collections
 import colorsys
+import contextlib
 import dataclasses
 import glob
 import json
 import os
+import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # sleeping OpenMP waits on a busy CPU: see train.py
 
@@ -50,6 +55,7 @@ COCO_NAMES = ("person bicycle car motorcycle airplane bus train truck boat traff
               "teddy_bear hair_drier toothbrush").split()
 COCO_NAMES = [n.replace("_", " ") for n in COCO_NAMES]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+SKIPPED_EXIT = 3  # --images: every readable file done, some unreadable ones skipped (named on stderr)
 
 
 def load(ckpt_path, preset=None, overrides=(), verbose=True):
@@ -58,6 +64,7 @@ def load(ckpt_path, preset=None, overrides=(), verbose=True):
     device, then the model. Refuses a checkpoint that does not fit the model exactly (checkpoint.load_state).
     categories: [{"id", "name"}] per label (1..K-1) from our checkpoint, COCO's for 81 classes, else numbers."""
     ckpt = checkpoint.load(ckpt_path)
+    state = checkpoint.model_state(ckpt, repr(ckpt_path))  # a file that is no checkpoint is named before any work
     if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
         if preset and verbose:
             print(f"evaluate: {ckpt_path} carries its own config; --config {preset} ignored")
@@ -66,7 +73,7 @@ def load(ckpt_path, preset=None, overrides=(), verbose=True):
         cfg = config.get(preset or "R-101-FPN", overrides, verbose)
     device = launch.device(cfg.device, launch.env()[2])
     net = model.build_model(cfg)
-    n = checkpoint.load_state(net, checkpoint.model_state(ckpt), repr(ckpt_path))
+    n = checkpoint.load_state(net, state, repr(ckpt_path))
     if verbose:
         print(f"evaluate: loaded {n} tensors from {ckpt_path}")
     categories = ckpt.get("categories") if isinstance(ckpt, dict) else None
@@ -87,10 +94,16 @@ def predict(net, loader, device, rank=0, amp=""):
     mine = {}
     with torch.inference_mode(), tqdm(total=sum(len(b) for b in loader.batch_sampler), desc="images",
                                       disable=rank != 0, leave=False) as bar:
-        for images, sizes, _, indices in loader:
-            with launch.autocast(device, amp):
-                out = net(images.to(device), sizes)
+        for images, sizes, targets, indices in loader:
+            bad = {i: t["unreadable"] for i, t in zip(indices, targets) if "unreadable" in t}  # ImageFiles only
+            mine.update((i, {"unreadable": why}) for i, why in bad.items())
+            out = []
+            if len(bad) < len(indices):  # an image that failed to decode is a stand-in: its detections are dropped
+                with launch.autocast(device, amp):
+                    out = net(images.to(device), sizes)
             for i, (rh, rw), det in zip(indices, sizes, out):
+                if i in bad:
+                    continue
                 det = {k: v.cpu() for k, v in det.items()}
                 ow, oh = ds.sizes[i]
                 det["boxes"] = det["boxes"].to(torch.float32) * torch.tensor([ow / rw, oh / rh, ow / rw, oh / rh])
@@ -119,7 +132,7 @@ def class_colour(label):
 def draw(path, det, names, out_path, min_score):
     """The image file with its detections scoring at least min_score, each a box in its class's colour under a
     "name 0.87" label, lines and text sized to the image: one style for the demo, evaluation and image files."""
-    from PIL import ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont
     img = data.load_image(path)
     side = max(img.size)
     line, pad = max(2, round(side / 300)), max(1, round(side / 600))
@@ -136,10 +149,14 @@ def draw(path, det, names, out_path, min_score):
         text = f"{names[label]} {score:.2f}"
         _, _, tw, th = pen.textbbox((0, 0), text, font=font)
         ty = y1 - th - 2 * pad if y1 - th - 2 * pad >= 0 else y1  # above the box, or inside it at the top edge
-        pen.rectangle([x1, ty, x1 + tw + 2 * pad, ty + th + 2 * pad], fill=colour)
-        pen.text((x1 + pad, ty + pad), text, font=font, fill="black" if sum(colour) > 380 else "white")
+        # inside the image: a box at the right or bottom edge moves its label in, so its score is never cut off
+        tx = max(0, min(x1, img.width - 1 - tw - 2 * pad))
+        ty = max(0, min(ty, img.height - 1 - th - 2 * pad))
+        pen.rectangle([tx, ty, tx + tw + 2 * pad, ty + th + 2 * pad], fill=colour)
+        pen.text((tx + pad, ty + pad), text, font=font, fill="black" if sum(colour) > 380 else "white")
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    img.save(out_path, quality=90)
+    fmt = Image.registered_extensions().get(os.path.splitext(out_path)[1].lower(), "JPEG")  # the input's own format
+    launch.atomic_write(out_path, lambda f: img.save(f, format=fmt, **({"quality": 90} if fmt == "JPEG" else {})))
 
 
 def coco_evaluator(plain_ids=True):
@@ -278,26 +295,36 @@ def evaluate_coco(net, cfg, device, rank=0, world_size=1):
     assert len(dets) == len(ds), f"evaluation gathered {len(dets)} of {len(ds)} images"
     results = [{"image_id": ds.ids[i], **r} for i in sorted(dets) for r in coco_records(dets[i], ds.label_to_cat_id)]
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"coco_results_{split}.json"), "w") as f:
-        json.dump(results, f)
+    write_json(os.path.join(out, f"coco_results_{split}.json"), results)
     evaluator = coco_evaluator(ds.plain_ids)
     stats, per_class, pr = coco_eval(ds.ann_file, results, evaluator)
     metrics = {"split": split, "images": len(ds), "detections": len(results), "evaluator": evaluator[0], **stats,
                "per_class": per_class}
-    with open(os.path.join(out, f"metrics_{split}.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    write_json(os.path.join(out, f"metrics_{split}.json"), metrics, indent=1)
     print(f"evaluate: per-class AP of {split} by category id (IoU .50:.95, area all, 100 detections; gt: non-crowd "
           f"boxes)\n{per_class_table(per_class)}")
     logger.plot_pr_curves(per_class, pr, os.path.join(out, "pr_curves.png"),
                    f"precision-recall on {split} ({len(ds)} images, {len(results)} detections, {evaluator[0]})")
     for i in range(min(cfg.vis_images, len(ds))):
-        draw(ds.path(i), dets[i], ds.names, os.path.join(out, "vis", os.path.basename(ds.path(i))), cfg.vis_score)
+        draw(ds.path(i), dets[i], ds.names, os.path.join(out, "vis", vis_name(ds, i)), cfg.vis_score)
     if cfg.vis_images:
         print(f"evaluate: drawings of the first {min(cfg.vis_images, len(ds))} images (score >= {cfg.vis_score}) "
               f"-> {os.path.join(out, 'vis')}")
     print(f"evaluate: {split}: AP {stats['AP']:.4f}  AP50 {stats['AP50']:.4f}  ({len(ds)} images, "
           f"{len(results)} detections, {evaluator[0]}) -> {out}")
     return metrics
+
+
+def write_json(path, obj, **kw):
+    """json.dump through a temporary file and rename: a full disk leaves no partial file (launch.atomic_write)."""
+    launch.atomic_write(path, lambda f: json.dump(obj, f, **kw), "w")
+
+
+def vis_name(ds, i):
+    """A COCO split's drawing of image i: its file_name under the image folder, sub-folders kept (two
+    'x.jpg' of different folders are two drawings); one that reaches outside the folder takes the image id."""
+    rel = os.path.normpath(os.path.relpath(ds.path(i), ds.image_dir))
+    return f"image_{ds.ids[i]}{os.path.splitext(rel)[1]}" if rel.startswith(os.pardir) else rel
 
 
 def image_paths(specs):
@@ -323,32 +350,62 @@ def image_paths(specs):
 
 def run_images(args, net, cfg, device, categories, rank, world_size):
     """Detections on the --images files into the --output json (the checkpoint's category ids), drawn into --vis
-    (its class names) when given."""
+    (its class names) when given, each at its json file_name in its own name and format, so no two inputs share a
+    drawing. A file that cannot be read is skipped and named at the end; returns how many were (main then exits
+    with SKIPPED_EXIT). Folders it makes are removed again if it fails before writing there."""
     paths, base = image_paths(args.images)
     if os.path.isdir(args.output):
         raise config.UserError(f"--output {args.output} is a folder; name the json file to write (--output "
                                f"{os.path.join(args.output, 'dets.json')})")
-    for folder in [os.path.dirname(os.path.abspath(args.output))] + ([args.vis] if args.vis else []):
-        try:  # before any inference: a bad path fails now, not after an hour
+    inputs = {os.path.realpath(p) for p in paths}
+    for target in [args.output] + [os.path.join(args.vis, os.path.relpath(p, base)) for p in paths if args.vis]:
+        if os.path.realpath(target) in inputs:  # --vis naming the images' own folder would draw over the photos
+            raise config.UserError(f"writing {target} would overwrite an input image: choose another "
+                                   f"{'--output' if target == args.output else '--vis folder'}")
+    made = []
+    for folder in [os.path.dirname(os.path.abspath(args.output))] + ([os.path.abspath(args.vis)] if args.vis else []):
+        while not os.path.lexists(folder) and folder not in made:
+            made, folder = made + [folder], os.path.dirname(folder)
+    ds = data.ImageFiles(paths, cfg)  # reads each header: a file that is no image is set aside now
+    skipped, done = dict(ds.unreadable), []
+    try:
+        for folder in sorted(made, key=len):  # before any inference: a bad path fails now, not after an hour
             os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise config.UserError(f"cannot create the output folder {folder!r}: {e.strerror}") from None
-    label_to_cat_id = {label: c["id"] for label, c in enumerate(categories, 1)}
-    names = ["__background__"] + [c["name"] for c in categories]
-    loader = data.make_test_loader(cfg, rank=rank, world_size=world_size, dataset=data.ImageFiles(paths, cfg))
-    dets = predict(net, loader, device, rank, cfg.amp)
-    if rank != 0:
-        return
-    results = []
-    for i in sorted(dets):
-        rel = os.path.relpath(paths[i], base)
-        results += [{"file_name": rel, **r} for r in coco_records(dets[i], label_to_cat_id)]
-        if args.vis:
-            draw(paths[i], dets[i], names, os.path.join(args.vis, os.path.splitext(rel)[0] + ".jpg"), cfg.vis_score)
-    with open(args.output, "w") as f:
-        json.dump(results, f)
-    print(f"evaluate: {len(results)} detections on {len(paths)} images -> {args.output}"
+        dets = predict(net, data.make_test_loader(cfg, rank=rank, world_size=world_size, dataset=ds), device, rank,
+                       cfg.amp) if ds.paths else {}
+        if rank != 0:
+            return 0
+        skipped.update((ds.paths[i], d["unreadable"]) for i, d in dets.items() if "unreadable" in d)
+        done = sorted(i for i, d in dets.items() if "unreadable" not in d)
+        if not done:
+            raise data.UnreadableImage(f"--images: none of the {len(paths)} files can be read as an image: "
+                                       + skipped_list(skipped, base))
+        label_to_cat_id = {label: c["id"] for label, c in enumerate(categories, 1)}
+        results = [{"file_name": os.path.relpath(ds.paths[i], base), **r}
+                   for i in done for r in coco_records(dets[i], label_to_cat_id)]
+        write_json(args.output, results)  # first: the detections are the result, the drawings a view of it
+        for i in done if args.vis else ():
+            draw(ds.paths[i], dets[i], ["__background__"] + [c["name"] for c in categories],
+                 os.path.join(args.vis, os.path.relpath(ds.paths[i], base)), cfg.vis_score)
+    except BaseException as e:
+        for folder in sorted(made, key=len, reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only where nothing was written
+        if isinstance(e, OSError) and not isinstance(e, config.UserError) and e.filename in made:
+            raise config.UserError(f"cannot create the output folder {e.filename!r}: {e.strerror}") from None
+        raise
+    print(f"evaluate: {len(results)} detections on {len(done)} images -> {args.output}"
           + (f"; drawn (score >= {cfg.vis_score}) into {args.vis}" if args.vis else ""))
+    if skipped:
+        print(f"evaluate: warning: {len(skipped)} of {len(paths)} files skipped, unreadable as images (exit code "
+              f"{SKIPPED_EXIT}): {skipped_list(skipped, base)}", file=sys.stderr, flush=True)
+    return len(skipped)
+
+
+def skipped_list(unreadable, base, limit=20):
+    """'a.jpg (the file is empty), ...' of {path: reason}, relative to base, at most limit named."""
+    items = [f"{os.path.relpath(p, base)} ({why})" for p, why in sorted(unreadable.items())]
+    return "; ".join(items[:limit]) + (f"; and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def main(argv=None):
@@ -381,6 +438,8 @@ def main(argv=None):
         with launch.output_dir(cfg.output_dir, rank):
             result = evaluate_coco(net, cfg, device, rank, world_size)
     launch.finish(world_size)
+    if args.images and result:
+        sys.exit(SKIPPED_EXIT)
     return result
 
 

@@ -19,6 +19,7 @@ paragraph and exit code 2.
 import collections
 import contextlib
 import datetime
+import errno
 import fcntl
 import itertools
 import os
@@ -169,9 +170,23 @@ def build_once(lock_path, ready, build):
         return found if found is not None else build()
 
 
+class OutputError(config.UserError, OSError):
+    """An output file that cannot be written for a reason the user fixes (a full disk or quota, a read-only or
+    unwritable folder); .errno and .strerror are the OSError's, the message names the file and its folder."""
+
+    def __str__(self):  # the message, not OSError's "[Errno 28] ..." form that setting .errno brings
+        return self.args[0]
+
+
+_USERS_TO_FIX = {errno.ENOSPC: "free space there", errno.EDQUOT: "free space there or raise the quota",
+                 errno.EFBIG: "free space there or write to another file system", errno.EROFS: "choose another folder",
+                 errno.EACCES: "make it writable or choose another folder", errno.EPERM: "choose another folder"}
+
+
 def atomic_write(path, write, mode="wb"):
     """write(f) into a temporary file beside path, then fsync and rename it to path: readers see the old file or
-    the whole new one, never a part. On failure the temporary file is removed and the error raised."""
+    the whole new one, never a part. On failure the temporary file is removed and the error raised; a full disk or
+    quota (ENOSPC, EDQUOT, EFBIG) or an unwritable folder as an OutputError (a config.UserError) naming the folder."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, mode) as f:
@@ -179,10 +194,18 @@ def atomic_write(path, write, mode="wb"):
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise
+        # torch.save's zip writer raises a RuntimeError whose context is the OSError (a full disk as it closes)
+        cause = e if isinstance(e, OSError) else e.__context__ if isinstance(e, RuntimeError) else None
+        if isinstance(e, OutputError) or not isinstance(cause, OSError) or cause.errno not in _USERS_TO_FIX:
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        error = OutputError(f"cannot write {os.path.basename(path)} in {folder}: {cause.strerror} (errno "
+                            f"{cause.errno}); no partial file was left: {_USERS_TO_FIX[cause.errno]}, then run again")
+        error.errno, error.strerror, error.filename = cause.errno, cause.strerror, path
+        raise error from None
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ upstream's renaming, refusal of partial loads and of pickled code, and the train
 a damaged newest one skipped)."""
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -141,4 +142,70 @@ def test_training_checkpoints_keep_k_and_skip_a_damaged_newest(tmp_path, capsys)
     path, ckpt = checkpoint.latest_training(out)
     assert path.endswith("model_0000002.pth") and ckpt["iteration"] == 2
     printed = capsys.readouterr().out
-    assert "skipping" in printed and "model_0000003.pth" in printed
+    assert "--resume skips model_0000003.pth" in printed
+
+
+# ---- files that are not checkpoints: each named with what it holds, for --ckpt, weights= and --resume
+
+def not_checkpoints(tmp_path):
+    """{name: (path, what the message must say)} of files a user may pass by mistake."""
+    cfg = tiny_cfg()
+    good = str(tmp_path / "good.pth")
+    checkpoint.save(good, model.build_model(cfg), cfg)
+    raw = open(good, "rb").read()
+    files = {"empty.pth": (b"", "empty .0 bytes."), "notes.pth": (b"hello world\n", "a text file of 12 bytes"),
+             "page.pth": (b"<!DOCTYPE html><html>Not Found</html>", "text file.*DOCTYPE html"),
+             "cut.pth": (raw[: len(raw) // 3], "zip archive of .* truncated"),
+             "plain.pth": (pickle.dumps({"a": 1}), "a Python pickle of"),
+             "list.pth": (None, "holds a list, not"), "strings.pth": (None, r"holds a dict \(a, b\) whose values")}
+    out = {}
+    for name, (content, what) in files.items():
+        path = str(tmp_path / name)
+        if content is None:
+            torch.save([1, 2] if name == "list.pth" else {"a": "x", "b": 2}, path)
+        else:
+            open(path, "wb").write(content)
+        out[name] = (path, what)
+    (tmp_path / "folder.pth").mkdir()
+    out["folder.pth"] = (str(tmp_path / "folder.pth"), "is a folder, not a file")
+    return out
+
+
+def test_files_that_are_not_checkpoints_are_named_with_what_they_hold(tmp_path):
+    net = model.build_model(tiny_cfg())
+    for name, (path, what) in not_checkpoints(tmp_path).items():
+        for load in (lambda: checkpoint.model_state(checkpoint.load(path), repr(path)),
+                     lambda: checkpoint.load_weights(net, path)):
+            with pytest.raises(checkpoint.CheckpointError) as e:
+                load()
+            assert repr(path) in str(e.value) and re.search(what, str(e.value)), (name, str(e.value))
+            assert "\n" not in str(e.value)
+    for content in (b"", b"hello\n", pickle.dumps([1], protocol=2)[:5]):  # a Detectron pickle, as weights=
+        open(tmp_path / "R-50.pkl", "wb").write(content)
+        with pytest.raises(checkpoint.CheckpointError, match="cannot read weights .*R-50.pkl"):
+            checkpoint.load_weights(net, str(tmp_path / "R-50.pkl"))
+
+
+def test_resume_skips_damaged_newest_and_refuses_when_none_loads(tmp_path, capsys):
+    cfg = tiny_cfg()
+    m = model.build_model(cfg)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    out = str(tmp_path)
+    checkpoint.save_training(out, 2, m, opt, cfg, keep=2)
+    for it, content in ((4, b""), (6, b"garbage\n"), (8, pickle.dumps({"a": 1}))):
+        open(os.path.join(out, f"model_{it:07d}.pth"), "wb").write(content)
+    os.mkdir(os.path.join(out, "model_0000010.pth"))  # a folder of a checkpoint's name: not a checkpoint
+    path, ckpt = checkpoint.latest_training(out)
+    assert path.endswith("model_0000002.pth") and ckpt["iteration"] == 2
+    printed = capsys.readouterr().out
+    assert [line.split(":")[1].split()[-1] for line in printed.splitlines()] == [
+        "model_0000008.pth", "model_0000006.pth", "model_0000004.pth"], printed
+    assert "the file is empty" in printed and "text file" in printed and "pickle" in printed
+    # the resumed run's checkpoints are kept though damaged newer ones sort first
+    checkpoint.save_training(out, 3, m, opt, cfg, keep=2)
+    assert checkpoint.latest_training(out)[0].endswith("model_0000003.pth")
+    assert os.path.exists(os.path.join(out, "model_0000002.pth"))
+    for p in checkpoint.training_checkpoints(out):
+        open(p, "wb").write(b"x")
+    with pytest.raises(checkpoint.CheckpointError, match="none of the 5 training checkpoints in .* loads"):
+        checkpoint.latest_training(out)

@@ -248,6 +248,7 @@ def test_truncated_image_in_the_split_stops_evaluation_naming_it(demo_root, tmp_
                       f"output_dir={out}", "min_size_test=96", "max_size_test=128"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"cannot read image {victim}" in proc.stderr and proc.stderr.count("error:") == 1
+    assert f"(image id {int(os.path.basename(victim)[:-4])} of " in proc.stderr  # the json's id beside the file
     assert not os.path.exists(out / "metrics_val2017.json")  # nothing reported as if it were the whole split
 
 
@@ -402,3 +403,208 @@ def test_output_naming_a_folder_is_refused_before_inference(tmp_path, capsys, mo
                                               str(tmp_path)]))
     err = capsys.readouterr().err
     assert end.value.code == 2 and f"--output {tmp_path} is a folder; name the json file to write" in err, err
+
+
+# ---- the edges of a run: files that are not checkpoints, bad files among good ones, names, a full disk, labels
+
+def run_main(argv, capsys):
+    """(exit code, stdout, stderr) of evaluate.main run as the script runs it (launch.run_cli)."""
+    import launch
+    try:
+        launch.run_cli(lambda: evaluate.main(argv))
+        code = 0
+    except SystemExit as end:
+        code = end.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def demo_ckpt(tmp_path):
+    cfg = config.get("demo", ["min_size_test=96", "max_size_test=128", "num_workers=0"], verbose=False)
+    torch.manual_seed(0)
+    path = str(tmp_path / "demo.pth")
+    checkpoint.save(path, model.build_model(cfg), cfg)
+    return path
+
+
+def test_ckpt_that_is_not_a_checkpoint_is_one_paragraph(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "notes.pth").write_text("hello world\n")
+    (tmp_path / "folder.pth").mkdir()
+    torch.save([1, 2], tmp_path / "list.pth")
+    for name, what in [("empty.pth", "the file is empty"), ("notes.pth", "a text file of 12 bytes"),
+                       ("folder.pth", "is a folder, not a file"), ("list.pth", "is not a checkpoint: it holds a list")]:
+        code, _, err = run_main(["--ckpt", str(tmp_path / name), "--images", str(tmp_path / "images"),
+                                 "device=cpu"], capsys)
+        assert code == 2 and "Traceback" not in err and what in err and str(tmp_path / name) in err, (name, err)
+        assert err.count("\n") == 1, err  # one paragraph, before the device or the model is looked at
+
+
+def bad_folder(folder, demo_root):
+    """Two good pictures plus every kind of file an image folder may hold; returns (readable, unreadable) names."""
+    from PIL import Image
+    folder.mkdir()
+    src = sorted(os.path.join(demo_root, "val2017", n) for n in os.listdir(os.path.join(demo_root, "val2017")))
+    shutil.copy(src[0], folder / "good0.jpg")
+    shutil.copy(src[1], folder / "good1.jpg")
+    Image.open(src[2]).save(folder / "png_named.jpg", format="PNG")
+    Image.open(src[3]).convert("CMYK").save(folder / "cmyk.jpg")
+    gray = np.asarray(Image.open(src[4]).convert("L"))
+    Image.fromarray(gray).save(folder / "gray8.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(folder / "gray16.png")  # the same picture, 16 bits
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(folder / "one.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 10000, 3), dtype=np.uint8)).save(
+        folder / "strip.jpg")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not a picture")
+    raw = open(src[5], "rb").read()
+    (folder / "cut.jpg").write_bytes(raw[: len(raw) // 2])  # decodes only as far as the loader
+    return (["cmyk.jpg", "good0.jpg", "good1.jpg", "gray16.png", "gray8.png", "one.png", "png_named.jpg",
+             "strip.jpg"], ["cut.jpg", "empty.jpg", "notes.jpg"])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_files_among_images_are_skipped_and_named_readable_ones_all_done(demo_root, demo_ckpt, tmp_path,
+                                                                                     capsys, workers):
+    readable, unreadable = bad_folder(tmp_path / "photos", demo_root)
+    out, vis = tmp_path / "res" / "dets.json", tmp_path / "vis"
+    code, stdout, err = run_main(["--ckpt", demo_ckpt, "--images", str(tmp_path / "photos"), "--output", str(out),
+                                  "--vis", str(vis), "score_thresh=0.0", f"num_workers={workers}"], capsys)
+    assert code == 3 and evaluate.SKIPPED_EXIT == 3 and "Traceback" not in err, err
+    dets = json.load(open(out))
+    assert sorted({d["file_name"] for d in dets}) == readable  # random weights: 100 detections on every image
+    assert sorted(os.listdir(vis)) == readable
+    lines = [line for line in err.splitlines() if unreadable[0] in line]
+    assert len(lines) == 1 and f"{len(unreadable)} of {len(readable) + len(unreadable)} files skipped" in lines[0]
+    assert all(f"{n} (" in lines[0] for n in unreadable) and not any(f"{n} (" in lines[0] for n in readable)
+    assert "the file is empty" in lines[0] and "truncated" in lines[0]
+    # a 16-bit PNG is read as the 8-bit picture it holds: the same detections
+    by = {n: sorted((d["category_id"], d["score"], *d["bbox"]) for d in dets if d["file_name"] == n)
+          for n in ("gray8.png", "gray16.png")}
+    assert by["gray8.png"] == by["gray16.png"] and len(by["gray8.png"]) == 100
+    for n in ("cmyk.jpg", "gray16.png", "strip.jpg"):  # drawn in colour, in the input's own size
+        from PIL import Image
+        with Image.open(vis / n) as img, Image.open(tmp_path / "photos" / n) as src:
+            assert img.mode == "RGB" and img.size == src.size
+    # nothing readable: one paragraph, exit code 2, no output folder left
+    for n in readable:
+        os.remove(tmp_path / "photos" / n)
+    code, _, err = run_main(["--ckpt", demo_ckpt, "--images", str(tmp_path / "photos"), "--output",
+                             str(tmp_path / "none" / "dets.json")], capsys)
+    assert code == 2 and "none of the 3 files can be read as an image" in err and not os.path.exists(tmp_path / "none")
+
+
+def test_drawings_of_two_inputs_never_share_a_name(demo_root, demo_ckpt, tmp_path, capsys):
+    from PIL import Image
+    src = sorted(os.path.join(demo_root, "val2017", n) for n in os.listdir(os.path.join(demo_root, "val2017")))
+    for folder in ("in", "in/a", "in/b"):
+        (tmp_path / folder).mkdir()
+    inputs = {"photo.jpg": src[0], "photo.png": src[1], "a/x.jpg": src[2], "b/x.jpg": src[3]}
+    for name, picture in inputs.items():
+        Image.open(picture).save(tmp_path / "in" / name)
+    vis = tmp_path / "vis"
+    code, _, err = run_main(["--ckpt", demo_ckpt, "--images", *[str(tmp_path / "in" / n) for n in inputs],
+                             "--output", str(tmp_path / "dets.json"), "--vis", str(vis)], capsys)
+    assert code == 0, err
+    assert {d["file_name"] for d in json.load(open(tmp_path / "dets.json"))} <= set(inputs)
+    pictures = {n: np.asarray(Image.open(p).convert("RGB"), np.int16) for n, p in inputs.items()}
+    for name in inputs:  # each drawing is of its own input: its size and format, nearest its pixels
+        with Image.open(vis / name) as drawn:
+            assert drawn.format == ("PNG" if name.endswith(".png") else "JPEG")
+            drawn = np.asarray(drawn, np.int16)
+        diffs = {n: np.abs(drawn - p).mean() for n, p in pictures.items() if p.shape == drawn.shape}
+        assert min(diffs, key=diffs.get) == name, (name, diffs)
+    # drawings over the inputs themselves are refused before any work
+    code, _, err = run_main(["--ckpt", demo_ckpt, "--images", str(tmp_path / "in" / "a"), "--vis",
+                             str(tmp_path / "in" / "a"), "--output", str(tmp_path / "d2.json")], capsys)
+    assert code == 2 and "would overwrite an input image" in err and not os.path.exists(tmp_path / "d2.json")
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EDQUOT"])
+def test_full_disk_at_the_end_of_a_run_is_one_paragraph_without_partial_files(demo_root, demo_ckpt, tmp_path,
+                                                                              capsys, monkeypatch, errno_name):
+    import errno
+    real_fsync, calls = os.fsync, []
+
+    def fsync_until_full(limit):
+        def fsync(fd):  # the disk fills after `limit` files: as write() would, at the last moment
+            calls.append(fd)
+            if len(calls) > limit:
+                raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+            return real_fsync(fd)
+        return fsync
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for n in sorted(os.listdir(os.path.join(demo_root, "val2017")))[:3]:
+        shutil.copy(os.path.join(demo_root, "val2017", n), photos / n)
+    for limit, folder in ((0, "res"), (2, "vis")):  # the json, then the second drawing
+        calls.clear()
+        monkeypatch.setattr(os, "fsync", fsync_until_full(limit))
+        out, vis = tmp_path / f"res{limit}" / "dets.json", tmp_path / f"vis{limit}"
+        code, _, err = run_main(["--ckpt", demo_ckpt, "--images", str(photos), "--output", str(out), "--vis",
+                                 str(vis)], capsys)
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        where = os.path.dirname(out) if folder == "res" else str(vis)
+        assert code == 2 and "Traceback" not in err and f"in {where}: {os.strerror(getattr(errno, errno_name))}" in err
+        left = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if "res" in d or "vis" in d]
+        assert not [p for p in left if p.endswith(".tmp") or os.path.getsize(p) == 0], left
+        assert len(left) == limit  # the json and the first drawing, whole
+    # a COCO split: coco_results first
+    calls.clear()
+    monkeypatch.setattr(os, "fsync", fsync_until_full(0))
+    code, _, err = run_main(["--ckpt", demo_ckpt, f"data_root={demo_root}", f"output_dir={tmp_path / 'ev'}"], capsys)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert code == 2 and f"cannot write coco_results_val2017.json in {tmp_path / 'ev'}" in err
+    assert not os.path.exists(tmp_path / "ev")  # nothing written: the folder it made is gone
+
+
+def test_full_disk_on_a_real_small_file_system(demo_root, demo_ckpt, tmp_path, capsys):
+    """The same on a 16 KiB tmpfs where one can be mounted (root on Linux), the real ENOSPC of write()."""
+    import subprocess
+    full = tmp_path / "full"
+    full.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(full)],
+                                           capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        code, _, err = run_main(["--ckpt", demo_ckpt, "--images", os.path.join(demo_root, "val2017"), "--output",
+                                 str(full / "dets.json"), "score_thresh=0.0"], capsys)
+        assert code == 2 and f"cannot write dets.json in {full}: No space left on device" in err, err
+        assert os.listdir(full) == []
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+def test_labels_stay_inside_the_image(tmp_path):
+    """A box at the right or bottom edge: its label ("rectangle 0.87") is moved in whole, as wide as in the middle."""
+    from PIL import Image
+
+    def label_width(w, h, box, row):
+        Image.new("RGB", (w, h), (128, 128, 128)).save(tmp_path / "bg.png")
+        det = {"boxes": torch.tensor([box]), "scores": torch.tensor([0.87]), "labels": torch.tensor([1])}
+        evaluate.draw(str(tmp_path / "bg.png"), det, ["bg", "rectangle"], str(tmp_path / "out.png"), 0.5)
+        pixels = np.asarray(Image.open(tmp_path / "out.png"), np.int16)
+        return int((np.abs(pixels - 128).sum(2) > 0)[row].sum())  # drawn pixels along one row of the label
+    middle = label_width(300, 300, [100., 50., 140., 90.], 45)
+    assert middle > 40  # a label as wide as its text, above the box
+    assert label_width(150, 300, [100., 50., 140., 90.], 45) == middle  # would pass the right edge at x = 150
+    assert label_width(150, 300, [140., 50., 149., 90.], 45) == middle  # a box at the very edge
+    assert label_width(300, 150, [10., 130., 60., 149.], 125) == middle  # at the bottom: above it, inside
+
+
+def test_split_drawings_keep_the_json_file_names_sub_folders(tmp_path, demo_ckpt, capsys):
+    from conftest import ann, solid, write_split
+    (tmp_path / "s" / "a").mkdir(parents=True)
+    (tmp_path / "s" / "b").mkdir()
+    cats = [{"id": i, "name": n} for i, n in enumerate(("rectangle", "ellipse", "triangle"), 1)]
+    root = write_split(tmp_path, [(1, "a/x.jpg", solid((250, 0, 0))), (2, "b/x.jpg", solid((0, 0, 250)))],
+                       [ann(1, 1, [5, 5, 20, 15]), ann(2, 2, [5, 5, 20, 15])], cats)
+    out = tmp_path / "ev"
+    code, _, err = run_main(["--ckpt", demo_ckpt, f"data_root={root}", "val_split=s", "vis_images=2",
+                             f"output_dir={out}"], capsys)
+    assert code == 0, err
+    from PIL import Image
+    reds = [np.asarray(Image.open(out / "vis" / n), np.int16)[..., 0].mean() for n in ("a/x.jpg", "b/x.jpg")]
+    assert reds[0] > 200 > 50 > reds[1]  # two drawings, each of its own picture
