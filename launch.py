@@ -208,32 +208,50 @@ def atomic_write(path, write, mode="wb"):
         raise error from None
 
 
+def makedirs(path):
+    """os.makedirs(path, exist_ok=True) that returns the folders it made, deepest first (for remove_made); on
+    failure it removes those it made, then raises."""
+    missing, p = [], os.path.abspath(path)
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except BaseException:
+        remove_made(missing)
+        raise
+    return missing
+
+
+def remove_made(folders):
+    """Remove the folders makedirs made, deepest first, each only while empty (whatever was put in them stays)."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
 @contextlib.contextmanager
 def output_dir(path, rank=0):
     """The run's output folder, held for the run's life by rank 0 (the process that writes there): made if absent,
-    refused in one paragraph when it cannot be (a file, a read-only parent), and locked (flock on path/.lock: the
-    kernel frees it when its holder dies, so kill -9 leaves no stale lock and --resume works), so that a second
-    run into the same folder stops at once, naming the holder. A run that fails before writing anything there
-    removes the folder it made."""
+    refused in one paragraph when it cannot be (a file, a read-only parent, a name too long), and locked (flock on
+    path/.lock: the kernel frees it when its holder dies, so kill -9 leaves no stale lock and --resume works), so
+    that a second run into the same folder stops at once, naming the holder. The lock file goes when the run ends.
+    A run that fails before writing anything there removes every folder it made (the parents too)."""
     if rank != 0:
         yield
         return
-    made = not os.path.lexists(path)
+    made, lock_path = [], os.path.join(path, ".lock")
     try:
-        os.makedirs(path, exist_ok=True)
-        lock = open(os.path.join(path, ".lock"), "a+")
+        made = makedirs(path)
+        lock, holder = _take(lock_path)
     except OSError as e:
+        remove_made(made)
         if os.path.isfile(path) or isinstance(e, (FileExistsError, NotADirectoryError)):
             what = "is a file, not a folder: choose another output_dir=, or move the file"
         else:
             what = f"cannot be made or written ({e.strerror or e}): choose another output_dir=, or make it writable"
         raise config.ConfigError(f"output_dir={path} {what}") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        holder = lock.read().strip() or "a process that has not said who it is"
-        lock.close()
+    if lock is None:
         raise config.ConfigError(f"output_dir={path} is in use by another run ({holder}): two runs in one folder "
                                  f"would mix their checkpoints and logs. Wait for it to end, or choose another "
                                  f"output_dir=") from None
@@ -245,8 +263,31 @@ def output_dir(path, rank=0):
     except BaseException:
         if made and os.listdir(path) == [".lock"]:  # failed before writing anything
             shutil.rmtree(path, ignore_errors=True)
+            remove_made(made[1:])
         raise
     finally:
+        with contextlib.suppress(OSError):
+            os.remove(lock_path)  # still held: a run that opened it since finds it gone (_take) and retries
+        lock.close()
+
+
+def _take(lock_path):
+    """(the lock file, opened and flocked by us, None) or (None, who holds it) when another live process does. A
+    file that its holder removed between our open and our flock is not the lock any more: open again."""
+    while True:
+        lock = open(lock_path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "a process that has not said who it is"
+            lock.close()
+            return None, holder
+        try:
+            if os.path.samestat(os.fstat(lock.fileno()), os.stat(lock_path)):
+                return lock, None
+        except FileNotFoundError:
+            pass
         lock.close()
 
 

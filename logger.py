@@ -10,7 +10,13 @@ and pr_curves.png for each evaluation (evaluate.py).
     log.add(losses, lr)                  # every iteration: the loss dict, kept on the device (no sync)
     log.write(it, lr, time, data, mem, skipped)   # every log_period: reduce over ranks, print, write
     log.eval(it, metrics)                # an evaluation's numbers
-    log.close()                          # the PNG; log.txt and TensorBoard closed
+    log.plot()                           # loss_curves.png (its path, or None before any logged iteration)
+    log.close()                          # the PNG if not drawn yet; log.txt and TensorBoard closed
+
+A resumed run (start_iter > 0) first rewrites log.jsonl without the records of iterations after its checkpoint that
+a killed run logged, so the log keeps one record per iteration; lines it cannot read are kept as they are.
+A full disk: a write of log.jsonl or the PNG is one paragraph naming the folder (config.UserError); log.txt stops
+with a note and the console goes on.
 """
 import collections
 import dataclasses
@@ -23,24 +29,38 @@ import sys
 import numpy as np
 import torch
 
+import config
 import launch
 
 WINDOW = 20  # iterations in the median, as upstream's MetricLogger (maskrcnn_benchmark/utils/metric_logger.py)
 
 
 class _Tee:
-    """Writes to the console and to a file."""
+    """Writes to the console and to a file; a file that cannot be written (a full disk) is dropped with one note,
+    and the console goes on."""
 
     def __init__(self, stream, f):
         self.stream, self.f = stream, f
 
+    def _file(self, op, *args):
+        try:
+            if self.f is not None:
+                getattr(self.f, op)(*args)
+        except OSError as e:
+            name, self.f = self.f.name, None
+            self.stream.write(f"\nlogger: {name} stops here: cannot write in {os.path.dirname(name) or '.'} "
+                              f"({e.strerror or e}); the console goes on\n")
+
     def write(self, text):
         self.stream.write(text)
-        self.f.write(text)
+        self._file("write", text)
 
     def flush(self):
         self.stream.flush()
-        self.f.flush()
+        self._file("flush")
+
+    def close(self):
+        self._file("close")
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
@@ -52,17 +72,12 @@ class TrainLog:
         self.window = collections.deque(maxlen=WINDOW)  # per-iteration loss vectors averaged over ranks, on the CPU
         self.pending, self.lrs = [], []  # the iterations since the last log line: loss vectors (device) and lrs
         self.total, self.count, self.names = None, 0, None
-        self.stdout, self.tb = None, None
+        self.stdout, self.tb, self.plotted = None, None, False
         if rank != 0:
             return
-        with open(os.path.join(cfg.output_dir, "log.jsonl"), "ab+") as f:  # a killed run's last line may be cut
-            end = f.seek(0, os.SEEK_END)                                      # short: keep this run's lines off it
-            if end:
-                f.seek(end - 1)
-                if f.read(1) != b"\n":
-                    f.write(b"\n")
-        self.txt = open(os.path.join(cfg.output_dir, "log.txt"), "a")
-        self.stdout, sys.stdout = sys.stdout, _Tee(sys.stdout, self.txt)
+        self.jsonl = os.path.join(cfg.output_dir, "log.jsonl")
+        self._guard(self._prepare)
+        self.stdout, sys.stdout = sys.stdout, _Tee(sys.stdout, open(os.path.join(cfg.output_dir, "log.txt"), "a"))
         try:
             from torch.utils.tensorboard import SummaryWriter  # optional, like hotcoco
             self.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"), purge_step=start_iter)
@@ -81,10 +96,39 @@ class TrainLog:
                      "world_size": self.world_size,
                      "versions": {"python": platform.python_version(), "torch": torch.__version__}})
 
+    def _prepare(self):
+        """A killed run's last line may be cut short: keep this run's lines off it. On resume, drop the records of
+        iterations after start_iter (losses, evaluations, and the starts of runs resumed from later checkpoints)."""
+        try:
+            with open(self.jsonl, "rb") as f:
+                lines = f.read().splitlines(keepends=True)
+        except FileNotFoundError:
+            return
+        if self.start_iter:
+            lines = [ln for ln in lines if not _after(ln, self.start_iter)]
+        if lines and not lines[-1].endswith(b"\n"):
+            lines[-1] += b"\n"
+        launch.atomic_write(self.jsonl, lambda f: f.writelines(lines))
+
+    def _guard(self, write, what="log.jsonl"):
+        """write(); an OSError (a full disk) becomes one paragraph naming the folder."""
+        try:
+            return write()
+        except config.UserError:
+            raise
+        except OSError as e:
+            raise config.UserError(f"cannot write {what} in output_dir {self.cfg.output_dir}: {e.strerror or e} "
+                                   f"(errno {e.errno}); the checkpoints written are intact: free space, then "
+                                   f"continue with --resume") from None
+
     def record(self, record):
         if self.rank == 0:
-            with open(os.path.join(self.cfg.output_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            line = json.dumps(record) + "\n"
+
+            def append():
+                with open(self.jsonl, "a") as f:
+                    f.write(line)
+            self._guard(append)
 
     def add(self, losses, lr):
         values = torch.stack([v.detach().float() for v in losses.values()])
@@ -134,18 +178,43 @@ class TrainLog:
             for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
                 self.tb.add_scalar(f"eval/{key}", metrics[key], it)
 
+    def plot(self):
+        """loss_curves.png from log.jsonl (rank 0): its path, or None when no iteration is logged."""
+        self.plotted = True
+        if self.rank != 0:
+            return None
+        png = os.path.join(self.cfg.output_dir, "loss_curves.png")
+        return png if self._guard(lambda: plot_losses(self.jsonl, png), "loss_curves.png") else None
+
     def close(self):
+        """The PNG, unless plot() ran: a run that stops on an error or a signal still draws what it logged, and a
+        full disk then only says so, leaving the run's own error to be told. log.txt and TensorBoard closed."""
         if self.rank != 0 or self.stdout is None:
             return
         try:
-            plot_losses(os.path.join(self.cfg.output_dir, "log.jsonl"),
-                        os.path.join(self.cfg.output_dir, "loss_curves.png"))
+            if not self.plotted:
+                try:
+                    self.plot()
+                except config.UserError as e:
+                    print(f"logger: {e}", file=sys.stderr, flush=True)
         finally:
-            sys.stdout = self.stdout
+            tee, sys.stdout = sys.stdout, self.stdout
             self.stdout = None
-            self.txt.close()
+            tee.close()
             if self.tb:
                 self.tb.close()
+
+
+def _after(line, it):
+    """True for a log.jsonl line (bytes) that records iteration > it: losses, an evaluation, or a run's start."""
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return False
+    if not isinstance(r, dict):
+        return False
+    start = r.get("resumed_from") if "config" in r else r.get("iter")
+    return isinstance(start, (int, float)) and start > it
 
 
 def rolling_median(values, window=WINDOW, chunk=10000):
@@ -167,24 +236,29 @@ def loss_series(jsonl):
     "window" iterations: WINDOW as the log's median, or N / 300 on a long run (a thick line of 90k points of a
     20-iteration median is a band, not a line); "lr": (N,); "evals": [(iteration, its metrics)] in order}."""
     points, evals = {}, {}
-    with open(jsonl) as f:
+    with open(jsonl, "rb") as f:  # bytes: a line of garbage is skipped, whatever its encoding
         for line in f:
             try:
                 r = json.loads(line)
-            except ValueError:  # the last line of a run killed while writing it
+            except ValueError:  # the last line of a run killed while writing it, or not text
                 continue
-            if "config" in r:
-                start = r.get("resumed_from") or 0
-                points = {i: p for i, p in points.items() if i <= start}
-                evals = {i: m for i, m in evals.items() if i <= start}
-            elif "per_iter" in r:
-                per, n = r["per_iter"], len(r["per_iter"]["lr"])
-                for k in range(n):
-                    points[r["iter"] - n + 1 + k] = {key: v[k] for key, v in per.items()}
-            elif r.get("eval"):
-                evals[r["iter"]] = r["eval"]
-    its = sorted(points)
-    terms = [k for k in points[its[0]] if k != "lr"] if its else []
+            if not isinstance(r, dict) or not isinstance(r.get("iter", 0), int):
+                continue
+            try:
+                if "config" in r:
+                    start = r.get("resumed_from") or 0
+                    points = {i: p for i, p in points.items() if i <= start}
+                    evals = {i: m for i, m in evals.items() if i <= start}
+                elif "per_iter" in r:
+                    per, n = r["per_iter"], len(r["per_iter"]["lr"])
+                    for k in range(n):
+                        points[r["iter"] - n + 1 + k] = {key: float(v[k]) for key, v in per.items()}
+                elif isinstance(r.get("eval"), dict) and r["eval"]:
+                    evals[r["iter"]] = r["eval"]
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # a line that is not our record
+                continue
+    terms = [k for k in points[max(points)] if k != "lr"] if points else []  # the newest record's terms
+    its = [i for i in sorted(points) if all(t in points[i] for t in terms + ["lr"])]
     raw = {t: np.array([points[i][t] for i in its], dtype=np.float64) for t in terms}
     raw = {"loss": sum(raw.values()) if terms else np.zeros(0), **raw}
     window = max(WINDOW, len(its) // 300)
@@ -197,10 +271,12 @@ def plot_losses(jsonl, png):
     """loss_curves.png of loss_series(jsonl), 1500 x 800 pixels for 4 terms: a panel per term and one for their
     sum (lr on its right axis), each iteration as a thin light line and the smoothed median as a thick one on a log
     scale; dotted lines where an evaluation ran, and a last panel of the evaluations' AP, AP50 and AP75. Drawn on
-    matplotlib's Agg canvas, so the user's backend and pyplot state are left alone; nothing for under 2 points."""
+    matplotlib's Agg canvas, so the user's backend and pyplot state are left alone. True when drawn (a single
+    iteration as a dot); False, and nothing written, before any iteration is logged."""
     s = loss_series(jsonl)
-    if len(s["iter"]) < 2:
-        return
+    if not len(s["iter"]):
+        return False
+    dot = "o" if len(s["iter"]) == 1 else None  # max_iter=1: a line through one point would not show
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -214,7 +290,7 @@ def plot_losses(jsonl, png):
     for k, (ax, term) in enumerate(zip(axes, s["raw"])):
         colour = "black" if term == "loss" else f"C{k - 1}"
         ax.plot(its, s["raw"][term], color=colour, lw=0.6, alpha=0.35)
-        ax.plot(its, s["smoothed"][term], color=colour, lw=2)
+        ax.plot(its, s["smoothed"][term], color=colour, lw=2, marker=dot)
         ax.set_yscale("log", nonpositive="mask")  # a loss can be exactly 0 (no positive anchor): not drawn
         positive = s["raw"][term][s["raw"][term] > 0]
         if positive.size:  # an iteration far below every median would stretch the log scale: it leaves the frame
@@ -228,7 +304,7 @@ def plot_losses(jsonl, png):
             ax.axvline(i, color="0.5", ls=":", lw=1)
     total = axes[0]
     lr_ax = total.twinx()
-    lr_ax.plot(its, s["lr"], color="C4", lw=1.2, ls="--")
+    lr_ax.plot(its, s["lr"], color="C4", lw=1.2, ls="--", marker=dot)
     lr_ax.set_ylim(0, s["lr"].max() * 1.1 or 1)
     lr_ax.yaxis.set_major_formatter(plain)
     lr_ax.set_ylabel("learning rate", color="C4")
@@ -253,6 +329,7 @@ def plot_losses(jsonl, png):
         ax.set_visible(False)
     fig.supxlabel("iteration")
     launch.atomic_write(png, lambda f: fig.savefig(f, format="png"))
+    return True
 
 
 def plot_pr_curves(per_class, pr, png, title, few=5):

@@ -2,6 +2,7 @@
 line cut short by a killed run) and the rolling median against torch.median. A run's log and figures as train.py
 writes them are tested in test_train.py."""
 import json
+import os
 
 import pytest
 import torch
@@ -52,3 +53,74 @@ def test_rolling_median_is_torch_median_of_the_last_window():
     got = logger.rolling_median(x, window=20, chunk=7)
     assert got.tolist() == [torch.tensor(x[max(0, i - 19):i + 1], dtype=torch.float64).median().item()
                             for i in range(57)]
+
+
+def per_iter_line(it, *values):
+    return json.dumps({"iter": it, "loss_a": values[-1], "loss": values[-1],
+                       "per_iter": {"loss_a": list(values), "lr": [0.1] * len(values)}}) + "\n"
+
+
+def test_garbage_and_binary_lines_are_skipped_and_the_figure_drawn(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_bytes((json.dumps({"config": {}, "resumed_from": None}) + "\n" + per_iter_line(2, 0.9, 0.8)).encode()
+                     + b"not json at all\n\xff\xfe\x00\x81binary\x00\n[1, 2]\n\"text\"\n{\"iter\": 3, \"per_iter\": 7}\n"
+                     + per_iter_line(3, 0.7).encode())
+    log = logger.TrainLog(config.get("demo", [f"output_dir={tmp_path}"], verbose=False), 0, 1, 3)  # a resume
+    log.close()
+    assert logger.loss_series(str(path))["raw"]["loss_a"].tolist() == [0.9, 0.8, 0.7]
+    assert b"\xff\xfe\x00\x81binary" in path.read_bytes()  # what it cannot read, it leaves alone
+    assert (tmp_path / "loss_curves.png").exists()
+
+
+def test_one_iteration_is_drawn_and_none_is_not(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text(json.dumps({"config": {}, "resumed_from": None}) + "\n")
+    assert logger.plot_losses(str(path), str(tmp_path / "none.png")) is False and not (tmp_path / "none.png").exists()
+    path.write_text(json.dumps({"config": {}, "resumed_from": None}) + "\n" + per_iter_line(1, 0.9))
+    assert logger.plot_losses(str(path), str(tmp_path / "one.png")) is True  # max_iter=1
+    assert (tmp_path / "one.png").stat().st_size > 0
+
+
+def test_a_resume_keeps_one_record_per_iteration(tmp_path):
+    """A run killed after logging iterations 5..6 past its checkpoint at 4: the resumed run's log holds each iteration
+    once (the killed run's records after 4 go, with its evaluation at 6 and the start of a run resumed from 6)."""
+    path = tmp_path / "log.jsonl"
+    lines = [json.dumps({"config": {}, "resumed_from": None}) + "\n", per_iter_line(2, 0.9, 0.8),
+             per_iter_line(4, 0.7, 0.6), per_iter_line(6, 0.5, 0.4), json.dumps({"iter": 6, "eval": {"AP": 0.1}}) + "\n",
+             json.dumps({"config": {}, "resumed_from": 6}) + "\n", per_iter_line(7, 0.3)]
+    path.write_text("".join(lines) + "cut sh")
+    log = logger.TrainLog(config.get("demo", [f"output_dir={tmp_path}"], verbose=False), 0, 1, 4)
+    log.record({"config": {}, "resumed_from": 4})
+    log.record(json.loads(per_iter_line(6, 0.55, 0.45)))
+    log.close()
+    kept = path.read_text().splitlines()
+    assert kept == [ln.rstrip("\n") for ln in lines[:3]] + ["cut sh", json.dumps({"config": {}, "resumed_from": 4}),
+                                                             per_iter_line(6, 0.55, 0.45).rstrip("\n")]
+    assert logger.loss_series(str(path))["raw"]["loss_a"].tolist() == [0.9, 0.8, 0.7, 0.6, 0.55, 0.45]
+
+
+def test_a_full_disk_is_one_paragraph_naming_the_folder_and_the_console_goes_on(tmp_path, capsys, monkeypatch):
+    import errno
+    import sys
+    log = logger.TrainLog(config.get("demo", [f"output_dir={tmp_path}"], verbose=False), 0, 1, 0)
+    try:
+        (tmp_path / "log.jsonl").symlink_to("/dev/full")  # every write: ENOSPC
+        with pytest.raises(config.UserError, match=rf"cannot write log.jsonl in output_dir {tmp_path}: No space left"):
+            log.record({"iter": 1})
+        sys.stdout.f = open("/dev/full", "a")  # log.txt's copy of the console
+        print("a line of the console", flush=True)
+        print("and the next")
+        (tmp_path / "log.jsonl").unlink()
+        (tmp_path / "log.jsonl").write_text(per_iter_line(2, 0.9, 0.8))
+
+        def full(path, write, mode="wb"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(logger.launch, "atomic_write", full)
+        with pytest.raises(config.UserError, match=rf"cannot write loss_curves.png in output_dir {tmp_path}: No space"):
+            log.plot()
+    finally:
+        log.close()
+    out = capsys.readouterr().out
+    assert "a line of the console" in out and "and the next" in out
+    assert "logger: /dev/full stops here: cannot write in /dev (No space left on device); the console goes on" in out
+    assert not (tmp_path / "loss_curves.png").exists()

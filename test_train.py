@@ -592,6 +592,7 @@ def test_a_signal_twice_within_a_second_is_one_notice_a_later_one_acts_at_once()
     old = {s: signal.signal(s, lambda signum, frame: seen.append(signum)) for s in train.Preemption.SIGNALS}
     try:
         stop = train.Preemption()
+        stop.defer(True)  # as in the training loop
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)  # the same notice through torchrun, milliseconds later
         assert stop.requested(torch.device("cpu"), 1) == signal.SIGTERM and seen == []
@@ -601,3 +602,139 @@ def test_a_signal_twice_within_a_second_is_one_notice_a_later_one_acts_at_once()
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+# ---- the log and signals at the edges of a run; the output folder
+
+def log_iterations(out):
+    """Each iteration's count among the per-iteration records of out/log.jsonl."""
+    import collections
+    seen = collections.Counter()
+    for line in open(os.path.join(out, "log.jsonl")):
+        r = json.loads(line)
+        n = len(r.get("per_iter", {}).get("lr", []))
+        seen.update(range(r.get("iter", 0) - n + 1, r.get("iter", 0) + 1) if n else [])
+    return seen
+
+
+def test_ctrl_c_then_resume_logs_every_iteration_once(demo_root, tmp_path, monkeypatch):
+    out, real_step, calls = str(tmp_path), train.train_step, []
+
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during iteration 6
+        return real_step(*a, **k)
+    monkeypatch.setattr(train, "train_step", step)
+    common = ["max_iter=10", "log_period=20", "checkpoint_period=100"]
+    with pytest.raises(SystemExit) as stopped:
+        train_in_process(demo_root, out, *common)
+    assert stopped.value.code == 128 + signal.SIGINT and log_iterations(out) == dict.fromkeys(range(1, 7), 1)
+    monkeypatch.setattr(train, "train_step", real_step)
+    train_in_process(demo_root, out, *common, "--resume")
+    assert log_iterations(out) == dict.fromkeys(range(1, 11), 1)
+    assert logger.loss_series(os.path.join(out, "log.jsonl"))["iter"].tolist() == list(range(1, 11))
+
+
+def interrupt(module, name, after=False, when=lambda *a, **k: True):
+    """module.name wrapped: SIGINT to this process before (or after) it runs, when when(*args)."""
+    real = getattr(module, name)
+
+    def wrapper(*a, **k):
+        if not after and when(*a, **k):
+            os.kill(os.getpid(), signal.SIGINT)
+        result = real(*a, **k)
+        if after and when(*a, **k):
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+    return module, name, wrapper
+
+
+@pytest.mark.parametrize("window, stage, advice, written", [
+    ("startup", "startup", "nothing was trained; run the same command again", None),
+    ("last checkpoint", "the writing of model_final.pth", "model_0000001.pth is written; the same command with "
+     "--resume writes model_final.pth and evaluates", ["model_0000001.pth", "log.jsonl", "loss_curves.png"]),
+    ("evaluation", "the final evaluation", "model_final.pth is written; evaluate it with python evaluate.py --ckpt ",
+     ["model_0000001.pth", "model_final.pth", "log.jsonl", "loss_curves.png"]),
+    ("drawing", "the drawing of loss_curves.png", "only the figure is missing",
+     ["model_0000001.pth", "model_final.pth", "log.jsonl", "metrics_val2017.json"]),
+])
+def test_a_signal_outside_the_loop_stops_at_once_and_says_what_is_written(demo_root, tmp_path, monkeypatch, capsys,
+                                                                        window, stage, advice, written):
+    import evaluate
+    out = str(tmp_path / "new" / "out")
+    monkeypatch.setattr(*{"startup": interrupt(data, "make_train_loader"),
+                          "last checkpoint": interrupt(train, "save_checkpoint", after=True),
+                          "evaluation": interrupt(evaluate, "evaluate_coco"),
+                          "drawing": interrupt(logger, "plot_losses")}[window])
+    with pytest.raises(SystemExit) as stopped:
+        train_in_process(demo_root, out, "max_iter=1")
+    assert stopped.value.code == 128 + signal.SIGINT
+    said = capsys.readouterr().out
+    assert said.count(f"train: SIGINT during {stage}: stopped; ") == 1 and advice in said, said[-2000:]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    if written is None:  # nothing was written: no folder left, the parent made for it neither
+        assert not os.path.exists(tmp_path / "new")
+        return
+    names = os.listdir(out)
+    assert set(written) <= set(names) and not any(n.endswith(".tmp") for n in names) and ".lock" not in names
+    assert f"SIGINT during {stage}" in open(os.path.join(out, "log.txt")).read()
+    if "loss_curves.png" not in written:
+        assert "loss_curves.png" not in names
+
+
+def test_one_iteration_draws_the_curves_it_lists_and_a_full_disk_at_the_end_is_one_paragraph(demo_root, tmp_path,
+                                                                                            monkeypatch, capsys):
+    import errno
+    import evaluate
+    import launch
+    out = str(tmp_path / "one")
+    train_in_process(demo_root, out, "max_iter=1")
+    said = capsys.readouterr().out
+    listed = re.search(r"train: done; (.*) and the evaluation's results are in", said).group(1).split(", ")
+    assert "loss_curves.png" in listed and all(os.path.exists(os.path.join(out, n)) for n in listed)
+    assert not os.path.exists(os.path.join(out, ".lock"))  # a finished run leaves no lock
+    # the disk fills during the final evaluation: its error is told (one paragraph, exit 2), the figure's is a note
+
+    def full_eval(*a, **k):
+        raise config.UserError(f"cannot write metrics_val2017.json in {out}: No space left on device")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(evaluate, "evaluate_coco", full_eval)
+    monkeypatch.setattr(logger, "plot_losses", full)
+    with pytest.raises(SystemExit) as failed:
+        launch.run_cli(lambda: train_in_process(demo_root, out, "max_iter=2", "--resume"))
+    err = capsys.readouterr().err
+    assert failed.value.code == 2 and "Traceback" not in err
+    assert err.count("error: ") == 1 and f"error: cannot write metrics_val2017.json in {out}" in err
+    assert f"logger: cannot write loss_curves.png in output_dir {out}: No space left on device" in err
+    assert os.path.exists(os.path.join(out, "model_final.pth")) and checkpoint.load(
+        os.path.join(out, "model_final.pth"))["config"]["max_iter"] == 2
+
+
+def test_output_dir_removes_every_folder_it_made_and_its_lock(tmp_path):
+    import launch
+    long = tmp_path / "new runs" / ("x" * 300) / "run"
+    with pytest.raises(config.ConfigError, match=r"cannot be made or written \(File name too long\)"):
+        with launch.output_dir(str(long)):
+            pass
+    with pytest.raises(RuntimeError):  # a run that fails before writing anything
+        with launch.output_dir(str(tmp_path / "a" / "b" / "c")):
+            raise RuntimeError("failed")
+    assert os.listdir(tmp_path) == []
+    out = tmp_path / "d"
+    (out).mkdir()
+    (out / ".lock").write_text("pid 1 on a host that died\n")  # a killed run's lock: the kernel freed it
+    with launch.output_dir(str(out)):
+        assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
+        with pytest.raises(config.ConfigError, match=rf"is in use by another run \(pid {os.getpid()} on "):
+            with launch.output_dir(str(out)):
+                pass
+        (out / "log.txt").write_text("kept")
+    assert os.listdir(out) == ["log.txt"]  # the lock went with the run
+    with pytest.raises(RuntimeError):
+        with launch.output_dir(str(out / "e" / "f")):
+            (out / "e" / "f" / "model_0000001.pth").write_text("written: kept")
+            raise RuntimeError("failed after writing")
+    assert os.listdir(out / "e" / "f") == ["model_0000001.pth"]

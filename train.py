@@ -10,9 +10,12 @@
 
 Any config field can be overridden as key=value or --key value (`--help` lists them). --resume continues from the
 newest loadable checkpoint in output_dir: model, optimizer, iteration, sampler position and RNG. SIGTERM or
-SIGINT (a scheduler's preemption, Ctrl-C) finishes the current iteration, writes a checkpoint there and exits
-with 128 + the signal's number; --resume then continues exactly. The run ends with model_final.pth (model,
-config, class names), log.txt, log.jsonl, loss_curves.png and the evaluation's results in output_dir.
+SIGINT (a scheduler's preemption, Ctrl-C) during training finishes the current iteration, writes a checkpoint and
+the log there and exits with 128 + the signal's number; --resume then continues exactly. Before the first
+iteration and after the last one (model_final.pth, the final evaluation, loss_curves.png) a signal stops the run
+at once, with the same exit code and a line saying what is written and how to finish. The run ends with
+model_final.pth (model, config, class names), log.txt, log.jsonl, loss_curves.png and the evaluation's results in
+output_dir.
 One pass: config, distributed setup, seed, model, optimizer, resume or initial weights, data, loop,
 checkpoints, evaluation.
 """
@@ -107,25 +110,69 @@ def init_weights(net, cfg, resume, rank):
     return 0, None
 
 
+class Interrupted(BaseException):
+    """A signal outside the training loop, raised where the program is (a BaseException, as KeyboardInterrupt, so
+    no `except Exception` of the evaluation swallows it)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class Preemption:
-    """SIGTERM and SIGINT set a flag that the loop reads after each iteration (every rank agrees through one
-    all-reduce). A signal more than REPEAT seconds after the first acts at once, through the previous handlers
-    (Ctrl-C twice); one sooner is the same notice twice: a scheduler that signals every process of a job (SLURM)
-    reaches a rank both directly and through torchrun, which passes its own on."""
+    """SIGTERM and SIGINT, held from the start of a run to its end. Inside the training loop (deferred) a signal
+    sets a flag that the loop reads after each iteration (every rank agrees through one all-reduce); outside it,
+    before the first iteration and after the last, it raises Interrupted at once. A signal more than REPEAT
+    seconds after the first acts at once, through the previous handlers (Ctrl-C twice); one sooner is the same
+    notice twice: a scheduler that signals every process of a job (SLURM) reaches a rank both directly and through
+    torchrun, which passes its own on. As a context manager: Interrupted becomes the stage's line on rank 0 (what
+    is written and how to go on) and exit code 128 + the signal's number; the previous handlers come back."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
     REPEAT = 1.0  # seconds
 
-    def __init__(self):
-        self.signum, self.at = 0, 0.0
+    def __init__(self, rank=0):
+        self.rank, self.signum, self.at, self.deferred, self.told = rank, 0, 0.0, False, False
+        self.pid = os.getpid()  # a DataLoader worker forked from us inherits the handler: it only notes the signal
+        self.during("startup", "nothing was trained; run the same command again")
         self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        self.restore()
+        if isinstance(error, Interrupted):
+            self.tell(kind, error, tb)
+            raise SystemExit(128 + error.signum) from None
 
     def handle(self, signum, frame):
         if not self.signum:
             self.signum, self.at = signum, time.monotonic()
+            if not self.deferred and os.getpid() == self.pid:
+                raise Interrupted(signum)
         elif time.monotonic() - self.at > self.REPEAT:
             self.restore()
             signal.raise_signal(signum)  # to the previous handler: the default ends the process
+
+    def during(self, stage, advice):
+        """What the run does now and what to do if a signal stops it there."""
+        self.stage, self.advice = stage, advice
+
+    def defer(self, on, device=None, world_size=1):
+        """Signals wait for the loop (on), or act at once (off: a signal that came since the last read acts now)."""
+        self.deferred = on
+        signum = 0 if on else self.requested(device, world_size)  # on another rank only: stop with it too
+        if signum:
+            raise Interrupted(signum)
+
+    def tell(self, kind, error, tb):
+        """An exit callback: the line for an Interrupted (once, rank 0): the signal, the stage, what is written and
+        what to do. Pushed on the run's ExitStack after the log, so the line is in log.txt too."""
+        if isinstance(error, Interrupted) and self.rank == 0 and not self.told:
+            self.told = True
+            print(f"train: {signal.Signals(error.signum).name} during {self.stage}: stopped; {self.advice}",
+                  flush=True)
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -183,6 +230,7 @@ def main(argv=None):
     cfg = proposal_cap(cfg, world_size, verbose=rank == 0)
     device = launch.device(cfg.device, local_rank)
     with contextlib.ExitStack() as held:  # left in reverse order, whatever ends the run
+        stop = held.enter_context(Preemption(rank))  # outside the loop a signal stops at once (see there)
         held.enter_context(launch.output_dir(cfg.output_dir, rank))  # made, checked and locked, before any work
         launch.init_process_group(device, rank, world_size)
         launch.numeric_policy(cfg)  # FP32 as upstream ran it; TF32 only with tf32=true
@@ -205,14 +253,15 @@ def main(argv=None):
         if state:
             torch.set_rng_state(state["rng"][rank % len(state["rng"])])
         ddp = torch.nn.parallel.DistributedDataParallel(net) if world_size > 1 else net
-        log, stop = logger.TrainLog(cfg, rank, world_size, start_iter), Preemption()
+        log = logger.TrainLog(cfg, rank, world_size, start_iter)
         held.callback(log.close)
-        held.callback(stop.restore)
+        held.push(stop.tell)  # before log.close: the line goes to log.txt too
         log.begin(device, resumed=state is not None)
         # ---- the loop
         net.train()
-        end, data_time, iter_time, done = time.time(), 0.0, 0.0, start_iter
+        end, data_time, iter_time, done, logged = time.time(), 0.0, 0.0, start_iter, start_iter
         skipped = 0  # unreadable images this rank's loader passed over (data.py warns once per file)
+        stop.defer(True)
         for it, (images, image_sizes, targets, _) in zip(range(start_iter, cfg.max_iter), batches):
             skipped += sum(len(t.get("skipped", ())) for t in targets)
             images = images.to(device, non_blocking=True)
@@ -224,12 +273,13 @@ def main(argv=None):
             log.add(train_step(ddp, optimizer, scaler, images, image_sizes, targets, it, cfg), lr)
             iter_time += time.time() - end
             done = it + 1
-            if done % cfg.log_period == 0 or done == cfg.max_iter:
-                n = (done - start_iter - 1) % cfg.log_period + 1  # iterations since the last line
-                log.write(done, lr, iter_time / n, data_time / n, launch.peak_memory_mb(device), skipped)
-                data_time = iter_time = 0.0
             signum = stop.requested(device, world_size)
-            if done % cfg.checkpoint_period == 0 or done == cfg.max_iter or signum:
+            save = done % cfg.checkpoint_period == 0 or done == cfg.max_iter or signum
+            if done % cfg.log_period == 0 or save:  # a checkpoint's iterations are in the log: a resume leaves no gap
+                n = done - logged  # iterations since the last line
+                log.write(done, lr, iter_time / n, data_time / n, launch.peak_memory_mb(device), skipped)
+                data_time, iter_time, logged = 0.0, 0.0, done
+            if save:
                 save_checkpoint(done, net, optimizer, scaler, loader, cfg, rank)
             if signum:
                 if rank == 0:
@@ -240,13 +290,24 @@ def main(argv=None):
                 log.eval(done, evaluate.evaluate_coco(net, cfg, device, rank, world_size))
                 net.train()
             end = time.time()  # an evaluation's time is not an iteration's
+        # ---- the end: a signal now stops at once (the training checkpoint is written)
+        final = os.path.join(cfg.output_dir, "model_final.pth")
+        stop.during("the writing of model_final.pth", f"training is complete and "
+                    f"{os.path.join(cfg.output_dir, f'model_{cfg.max_iter:07d}.pth')} is written; the same command "
+                    f"with --resume writes model_final.pth and evaluates")
+        stop.defer(False, device, world_size)
+        if rank == 0:  # before the evaluation, which a signal or a full disk may stop
+            checkpoint.save(final, net, cfg, categories=data.categories(loader.dataset))
+        stop.during("the final evaluation", f"training is complete and {final} is written; evaluate it with "
+                    f"python evaluate.py --ckpt {final}")
         metrics = evaluate.evaluate_coco(net, cfg, device, rank, world_size)
         log.eval(cfg.max_iter, metrics)
+        stop.during("the drawing of loss_curves.png", f"{final} and the evaluation's results are written; only "
+                    f"the figure is missing (logger.plot_losses draws it from log.jsonl)")
+        png = log.plot()
         if rank == 0:
-            checkpoint.save(os.path.join(cfg.output_dir, "model_final.pth"), net, cfg,
-                            categories=data.categories(loader.dataset))
-            print(f"train: done; model_final.pth, log.txt, log.jsonl, loss_curves.png and the evaluation's "
-                  f"results are in {cfg.output_dir}")
+            written = ["model_final.pth", "log.txt", "log.jsonl"] + (["loss_curves.png"] if png else [])
+            print(f"train: done; {', '.join(written)} and the evaluation's results are in {cfg.output_dir}")
     launch.finish(world_size)
     return metrics
 

@@ -76,12 +76,16 @@ struct FakeMluAllocator final : c10::Allocator {
   }
 #endif
 };
-FakeMluAllocator allocator;
+// Every object that torch's registries point at is made once and never destroyed, as torch's own are (c10's
+// REGISTER_* and the CUDA allocator): at exit our static destructors run before torch's (our library loaded
+// later), while torch's autograd device thread for "mlu" (pt_autograd_0) may still be winding down; a call into
+// a destroyed object is an abort ("pure virtual method called", "terminate called ...") after the right output.
+FakeMluAllocator& allocator = *new FakeMluAllocator();
 REGISTER_ALLOCATOR(c10::DeviceType::PrivateUse1, &allocator);  // torch.UntypedStorage(n, device="mlu") asks for it
 
 // "Pinned" host memory: ordinary CPU memory whose pointers are remembered, so Tensor.is_pinned() answers true.
-std::mutex pinned_mutex;
-std::unordered_set<const void*> pinned;
+std::mutex& pinned_mutex = *new std::mutex();
+std::unordered_set<const void*>& pinned = *new std::unordered_set<const void*>();
 
 void free_pinned(void* p) {
   {
@@ -108,7 +112,7 @@ struct PinnedAllocator final : c10::Allocator {
   }
 #endif
 };
-PinnedAllocator pinned_allocator;
+PinnedAllocator& pinned_allocator = *new PinnedAllocator();
 
 bool is_pinned_ptr(const void* p) {
   std::lock_guard<std::mutex> lock(pinned_mutex);
@@ -149,9 +153,9 @@ struct FakeMluGenerator : at::CPUGeneratorImpl {
 at::Generator make_generator(c10::DeviceIndex i) { return at::make_generator<FakeMluGenerator>(i); }
 
 const at::Generator& default_generator(c10::DeviceIndex i) {
-  static std::vector<at::Generator> gens = [] {
-    std::vector<at::Generator> g;
-    for (c10::DeviceIndex k = 0; k < std::max<c10::DeviceIndex>(device_count(), 1); ++k) g.push_back(make_generator(k));
+  static const auto& gens = *[] {
+    auto* g = new std::vector<at::Generator>();
+    for (c10::DeviceIndex k = 0; k < std::max<c10::DeviceIndex>(device_count(), 1); ++k) g->push_back(make_generator(k));
     return g;
   }();
   return gens.at(i < 0 ? current_device : i);
@@ -284,8 +288,8 @@ int64_t autocast_dtype(c10::optional<int64_t> set) {
 #endif
 
 void register_hooks() {
-  static FakeMluHooks hooks;
-  at::RegisterPrivateUse1HooksInterface(&hooks);
+  static auto* hooks = new FakeMluHooks();
+  at::RegisterPrivateUse1HooksInterface(hooks);
 }
 
 }  // namespace

@@ -179,6 +179,40 @@ def test_box_reaching_outside_is_clipped_and_said(tmp_path, capsys):
     assert "1 box reaching outside the image, clipped to it" in printed and "0,2,45,30 -> 1,2,40,30" in printed
 
 
+def test_zero_size_boxes_are_named(tmp_path, capsys):
+    src = make_set(tmp_path / "voc", n=2)
+    write(os.path.join(src, "Annotations", "r1.xml"), voc_xml("r1.jpg", [
+        ("raccoon", BOX, 0), ("cell", (9, 9, 9, 9), 0), ("cell", (3, 4, 8, 4), 0), ("cell", (6, 6, 6, 6), 1)]))
+    out = str(tmp_path / "out")
+    code, printed, err = convert(capsys, src, out)
+    assert code == 0 and not err
+    assert [a["bbox"] for a in load(out, "train")["annotations"]][2:4] == [[8, 8, 1, 1], [2, 3, 6, 1]]
+    xml = os.path.join(src, "Annotations", "r1.xml")
+    assert re.search(r"note: 2 boxes of zero size \(xmin == xmax or ymin == ymax\).*training drops it", printed)
+    assert f"{xml}, object 2 (cell): 9,9,9,9; {xml}, object 3 (cell): 3,4,8,4\n" in printed  # not the difficult one
+    ds = data.CocoDetection(out, "train", config.get("demo", [f"data_root={out}", "train_split=train"],
+                                                     verbose=False), True)
+    assert len(ds.boxes[ds.ids.index(2)]) == 1 and any("without positive area" in n for n in ds.notes), ds.notes
+
+
+def test_lists_and_xml_written_on_windows(tmp_path, capsys):
+    """UTF-8 byte order marks, CRLF line ends, blank lines and trailing spaces read as on Linux."""
+    src = make_set(tmp_path / "voc", n=3)
+    for split, ids in (("train", ["r0", "r1"]), ("val", ["r2"])):
+        path = os.path.join(src, "ImageSets", "Main", f"{split}.txt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:  # as Notepad saves it
+            f.write(b"\xef\xbb\xbf" + b"".join(i.encode() + b" \t \r\n\r\n" for i in ids))
+    with open(os.path.join(src, "Annotations", "r1.xml"), "wb") as f:
+        f.write(b"\xef\xbb\xbf" + voc_xml("r1.jpg ").replace("\n", "\r\n").encode())
+    out = str(tmp_path / "out")
+    code, printed, err = convert(capsys, src, out, "--split", "train", "--split", "val")
+    assert code == 0, err
+    assert [i["file_name"] for i in load(out, "train")["images"]] == ["r0.jpg", "r1.jpg"]
+    assert [i["file_name"] for i in load(out, "val")["images"]] == ["r2.jpg"]
+    assert load(out, "train")["annotations"][1]["bbox"] == [4, 6, 10, 14] and "note" not in printed
+
+
 def test_xml_without_objects_is_kept_and_said(tmp_path, capsys):
     src = make_set(tmp_path / "voc", n=2)
     write(os.path.join(src, "Annotations", "r1.xml"), voc_xml("r1.jpg", objects=()))

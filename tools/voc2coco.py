@@ -209,10 +209,12 @@ def check_output(out, splits, images):
 
 
 def read_list(path):
-    """[(line number, id)] of a split list, or VocError naming the file."""
+    """[(line number, id)] of a split list, or VocError naming the file. Lists written on Windows read the same:
+    a byte order mark (U+FEFF, anywhere) counts as whitespace, as do CR line ends, blank lines and trailing spaces."""
     try:
         with open(path, encoding="utf-8") as f:
-            rows = [(n, line.split()[0]) for n, line in enumerate(f, 1) if line.strip()]
+            rows = [(n, line.replace("\ufeff", " ").split()) for n, line in enumerate(f, 1)]
+            rows = [(n, words[0]) for n, words in rows if words]
     except (OSError, UnicodeDecodeError) as e:
         raise VocError(f"cannot read the split list {path} ({getattr(e, 'strerror', None) or e}): it must be a "
                        f"text file with one image id (the xml's name without .xml) per line") from None
@@ -335,6 +337,8 @@ def read_record(path, images, classes, cache, notes):
         if c != [x1, y1, x2, y2]:
             notes.setdefault("clip", []).append(f"{path}, object {k}: {x1:g},{y1:g},{x2:g},{y2:g} -> "
                                                 f"{c[0]:g},{c[1]:g},{c[2]:g},{c[3]:g}")
+        if (c[0] == c[2] or c[1] == c[3]) and not difficult:
+            notes.setdefault("zero", []).append(f"{path}, object {k} ({name}): {c[0]:g},{c[1]:g},{c[2]:g},{c[3]:g}")
         boxes.append((name, c, difficult))
     return file, (w, h), boxes
 
@@ -393,6 +397,10 @@ NOTES = (("filename", "xml file", "with a <filename> that is not the image's nam
                                  "taken"),
          ("size", "image", "whose xml <size> differs from the file: the file's size is used, as train.py does"),
          ("clip", "box", "reaching outside the image, clipped to it"),
+         ("zero", "box", "of zero size (xmin == xmax or ymin == ymax), written as 1 pixel wide or high as VOC counts "
+                         "pixels: training drops it (no area after upstream's -1), the COCO metric keeps it as a "
+                         "ground truth that only a box of its 1 pixel could match (a miss, lowering AP and "
+                         "recall); fix or delete the object"),
          ("empty", "xml file", "without <object>, kept as an image without boxes (training skips such images, "
                                "evaluation counts detections on them)"))
 
