@@ -427,10 +427,12 @@ class RPN(nn.Module):
                 keep = remove_small_boxes(b, self.min_size)
                 b, s, lv = b[keep], s[keep], lv[keep]
             keep = ops.batched_nms(b, s, lv, self.nms_thresh, offset=1)  # by score (ties: lower index first)
-            # level by level, by score within, as upstream's cat: a sort by (level, position), keys all distinct,
-            # so stable or not gives one order (ONNX's TopK has no stable flag)
+            # level by level, by score within, as upstream's cat: a sort by (level, position), keys all distinct so
+            # that any sort gives this order. ONNX's NonMaxSuppression returns it already (ops.batched_nms): no
+            # TopK over all kept boxes in an exported graph (TensorRT's TopK caps k).
             rank = torch.arange(keep.shape[0], device=keep.device)
-            keep = keep[(lv[keep] * b.shape[0] + rank).sort().indices]
+            if not torch.onnx.is_in_onnx_export():
+                keep = keep[(lv[keep] * b.shape[0] + rank).sort().indices]
             if post_n < pre_n:  # each level's top post_n: the rank within the level from where each level starts
                 lk = lv[keep]
                 starts = (lk[None] < torch.arange(len(anchors), device=lk.device)[:, None]).sum(1)  # (L,)
