@@ -7,6 +7,8 @@
     # detections on image files (files, folders or globs), drawn into vis/
     python evaluate.py --ckpt e2e_faster_rcnn_R_101_FPN_1x.pth --images photos/ --output dets.json --vis vis/
     python evaluate.py --ckpt output/demo/model_final.pth --images photos/raccoon-19*.jpg --vis vis/
+    # a file written by export.py, run by ONNX Runtime on the CPU (its config and class names are inside)
+    python evaluate.py --ckpt demo.onnx
 
 Every config field is an override, as in train.py (key=value or --key value: device=cpu, score_thresh=0.5,
 val_split=val2017, output_dir=...). The order is: the checkpoint, then its config (ours carry theirs; upstream's

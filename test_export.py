@@ -210,7 +210,7 @@ def test_bad_export_arguments_are_one_paragraph(tmp_path, capsys, monkeypatch):
     locked.mkdir()
     with unwritable(locked):
         err = user_error(capsys, export.main, ["--ckpt", ckpt, "--output", str(locked / "m.onnx")])
-    assert "not writable" in err or "cannot create" in err
+    assert "cannot write in" in err
     bare = str(tmp_path / "bare.pth")
     torch.save({"model": torch.load(ckpt, weights_only=True)["model"]}, bare)  # upstream-style: no config
     err = user_error(capsys, export.main, ["--ckpt", bare, "--output", out])
