@@ -221,7 +221,7 @@ def test_bad_export_arguments_are_one_paragraph(tmp_path, capsys, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["bare.pth", "demo.pth", "locked"]  # nothing written
 
 
-def test_evaluate_refuses_an_onnx_file_not_ours(tmp_path, capsys):
+def test_evaluate_refuses_an_onnx_file_not_ours(tmp_path, capsys, monkeypatch):
     foreign = str(tmp_path / "foreign.onnx")
     kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
     torch.onnx.export(torch.nn.ReLU(), (torch.ones(2),), foreign, **kwargs)
@@ -231,3 +231,6 @@ def test_evaluate_refuses_an_onnx_file_not_ours(tmp_path, capsys):
     garbage.write_bytes(b"not a model")
     err = user_error(capsys, evaluate.main, ["--ckpt", str(garbage), "--images", str(tmp_path)])
     assert "ONNX Runtime cannot read" in err
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # as if not installed
+    err = user_error(capsys, evaluate.main, ["--ckpt", foreign, "--images", str(tmp_path)])
+    assert "running it needs onnxruntime (pip install -r requirements-onnx.txt)" in err
