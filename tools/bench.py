@@ -303,6 +303,7 @@ def bench_export(args):
     count. Also the files' sizes and export times."""
     import os
     import tempfile
+    import warnings
 
     import config
     import evaluate
@@ -320,7 +321,8 @@ def bench_export(args):
         export.export(ours, cfg, [], paths["ours"], args.opset, hw=hw)
         took["ours"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on torchvision's code: not ours to act on
             kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
             torch.onnx.export(tv, ([images[0]],), paths["tv"], opset_version=11, input_names=["images_tensors"],
                               output_names=["boxes", "labels", "scores"], do_constant_folding=True,
