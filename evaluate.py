@@ -7,6 +7,8 @@
     # detections on image files (files, folders or globs), drawn into vis/
     python evaluate.py --ckpt e2e_faster_rcnn_R_101_FPN_1x.pth --images photos/ --output dets.json --vis vis/
     python evaluate.py --ckpt output/demo/model_final.pth --images photos/raccoon-19*.jpg --vis vis/
+    # a file written by export.py, run by ONNX Runtime on the CPU (its config and class names are inside)
+    python evaluate.py --ckpt demo.onnx
 
 Every config field is an override, as in train.py (key=value or --key value: device=cpu, score_thresh=0.5,
 val_split=val2017, output_dir=...). The order is: the checkpoint, then its config (ours carry theirs; upstream's
@@ -63,6 +65,8 @@ def load(ckpt_path, preset=None, overrides=(), verbose=True):
     config (ours carry theirs; upstream's take `preset`, R-101-FPN by default) with the overrides, then the
     device, then the model. Refuses a checkpoint that does not fit the model exactly (checkpoint.load_state).
     categories: [{"id", "name"}] per label (1..K-1) from our checkpoint, COCO's for 81 classes, else numbers."""
+    if str(ckpt_path).lower().endswith(".onnx"):  # an exported file (export.py), run by ONNX Runtime
+        return load_onnx(ckpt_path, overrides, verbose)
     ckpt = checkpoint.load(ckpt_path)
     state = checkpoint.model_state(ckpt, repr(ckpt_path))  # a file that is no checkpoint is named before any work
     if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
@@ -81,6 +85,59 @@ def load(ckpt_path, preset=None, overrides=(), verbose=True):
         categories = ([{"id": i, "name": n} for i, n in zip(COCO_IDS, COCO_NAMES)] if cfg.num_classes == 81 else
                       [{"id": i, "name": f"class {i}"} for i in range(1, cfg.num_classes)])
     return net.to(device).eval(), cfg, device, categories
+
+
+# ---- an exported file (export.py): written there, read here
+ONNX_CONFIG, ONNX_CATEGORIES = "frcnn_config", "frcnn_categories"  # its metadata keys
+
+
+class OnnxDetector(torch.nn.Module):
+    """An exported graph run by ONNX Runtime on the CPU, called as the model is in eval mode: (images (N, 3, Hp, Wp),
+    image_sizes [(h, w)]) -> per image {"boxes", "scores", "labels"}. The graph takes one image: a batch runs image
+    by image, each with the batch's padding as the model sees it. threads: ONNX Runtime's intra-op threads (0: its
+    default, one per core)."""
+
+    def __init__(self, path, threads=0):
+        super().__init__()
+        import onnxruntime
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3  # its warnings about unused initializers and shape merges are not the user's
+        try:
+            self.session = onnxruntime.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001  (onnxruntime's own exception types: not a model, bad graph)
+            raise config.UserError(f"ONNX Runtime cannot read {path!r}: {str(e).splitlines()[0][:300]}") from None
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+
+    def forward(self, images, image_sizes):
+        out = []
+        for image, (h, w) in zip(images, image_sizes):
+            boxes, scores, labels = self.session.run(None, {"image": image[None].float().numpy(),
+                                                            "image_size": np.array([h, w], dtype=np.int64)})
+            out.append({"boxes": torch.from_numpy(boxes), "scores": torch.from_numpy(scores),
+                        "labels": torch.from_numpy(labels)})
+        return out
+
+
+def load_onnx(path, overrides=(), verbose=True):
+    """load() of an exported file: (OnnxDetector, its config with the overrides, the CPU, its categories). Overrides
+    change the host's side only (data, batch, output); what the graph holds (score_thresh, ...) is fixed at export."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise config.UserError(f"{path} is an ONNX file: running it needs onnxruntime (pip install -r "
+                               f"requirements-onnx.txt)") from None
+    if not os.path.isfile(path):
+        raise config.UserError(f"ONNX file {path!r} does not exist")
+    net = OnnxDetector(path)
+    if ONNX_CONFIG not in net.metadata or ONNX_CATEGORIES not in net.metadata:
+        raise config.UserError(f"{path} has no '{ONNX_CONFIG}' and '{ONNX_CATEGORIES}' in its metadata: not a file "
+                               f"written by export.py, which evaluate.py needs for the preprocessing and class names")
+    cfg = config.get(config.from_dict(json.loads(net.metadata[ONNX_CONFIG])), overrides, verbose)
+    if verbose:
+        print(f"evaluate: {path} runs in ONNX Runtime on the CPU")
+    return net.eval(), dataclasses.replace(cfg, device="cpu", amp=""), torch.device("cpu"), \
+        json.loads(net.metadata[ONNX_CATEGORIES])
 
 
 def predict(net, loader, device, rank=0, amp=""):

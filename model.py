@@ -43,11 +43,27 @@ def box_iou(a, b):
     return inter / (box_area(a)[:, None] + box_area(b)[None, :] - inter)
 
 
+def clip_bounds(image_sizes, like):
+    """(N, 4) upper bounds (w - 1, h - 1, w - 1, h - 1) of image sizes [(h, w)], in like's dtype and device. The
+    sizes are ints, or (2,) tensors in a trace for ONNX export (export.py), where they are an input of the graph."""
+    if torch.jit.is_tracing():
+        return torch.stack([s[[1, 0, 1, 0]] for s in image_sizes]).to(like.dtype) - 1
+    return torch.tensor([[w - 1, h - 1] * 2 for h, w in image_sizes], dtype=like.dtype, device=like.device)
+
+
 def clip_boxes(boxes, size):
-    """Clamp x to [0, w-1] and y to [0, h-1]; size is (h, w). Nothing is removed (remove_empty=False)."""
-    h, w = size
-    # columns 0::2 are x1, x2 (of every class block), 1::2 are y1, y2; interleaving them restores the layout
-    return torch.stack([boxes[:, 0::2].clamp(0, w - 1), boxes[:, 1::2].clamp(0, h - 1)], -1).reshape(boxes.shape)
+    """Clamp x to [0, w-1] and y to [0, h-1]; size is (h, w). Nothing is removed (remove_empty=False).
+    boxes (R, 4k): every class block at once."""
+    hi = clip_bounds([size], boxes)  # (1, 4)
+    return boxes.view(boxes.shape[0], -1, 4).clamp(torch.zeros_like(hi), hi).view(boxes.shape)
+
+
+def topk_count(x, k, dim=0):
+    """min(k, x.shape[dim]): the k of a top-k. In a trace for export a size is a tensor and stays one, so the
+    graph takes min(k, size) per image instead of the count of the traced image (torchvision's _topk_min)."""
+    if torch.jit.is_tracing():
+        return torch.clamp(torch._shape_as_tensor(x)[dim], max=k)
+    return min(k, x.shape[dim])
 
 
 def remove_small_boxes(boxes, min_size):
@@ -394,7 +410,7 @@ class RPN(nn.Module):
         n = len(image_sizes)
         boxes, scores, levels = [], [], []
         for lvl, (anc, logit, delta) in enumerate(zip(anchors, logits, deltas)):
-            obj, idx = logit.sigmoid().topk(min(pre_n, logit.shape[1]), dim=1, sorted=True)  # (N, k)
+            obj, idx = logit.sigmoid().topk(topk_count(logit, pre_n, 1), dim=1, sorted=True)  # (N, k)
             k = idx.shape[1]
             b = self.coder.decode(delta.gather(1, idx[..., None].expand(n, k, 4)).reshape(-1, 4), anc[idx.flatten()])
             boxes.append(b.view(n, k, 4))
@@ -402,7 +418,7 @@ class RPN(nn.Module):
             levels.append(torch.full((k,), lvl, device=obj.device))
         boxes, scores, levels = torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(levels)  # (N, C, 4), (N, C), (C,)
         # clip_boxes for every image at once: x to [0, w-1], y to [0, h-1]
-        hi = torch.tensor([[w - 1, h - 1] * 2 for h, w in image_sizes], dtype=boxes.dtype, device=boxes.device)
+        hi = clip_bounds(image_sizes, boxes)
         boxes = boxes.clamp(torch.zeros_like(hi[:, None]), hi[:, None])
         out_boxes, out_scores = [], []
         for b, s in zip(boxes, scores):
@@ -411,10 +427,16 @@ class RPN(nn.Module):
                 keep = remove_small_boxes(b, self.min_size)
                 b, s, lv = b[keep], s[keep], lv[keep]
             keep = ops.batched_nms(b, s, lv, self.nms_thresh, offset=1)  # by score (ties: lower index first)
-            keep = keep[lv[keep].sort(stable=True).indices]  # level by level, by score within, as upstream's cat
-            if post_n < min(pre_n, max(len(a) for a in anchors)):  # each level's top post_n (a rank per level)
+            # level by level, by score within, as upstream's cat: a sort by (level, position), keys all distinct so
+            # that any sort gives this order. ONNX's NonMaxSuppression returns it already (ops.batched_nms): no
+            # TopK over all kept boxes in an exported graph (TensorRT's TopK caps k).
+            rank = torch.arange(keep.shape[0], device=keep.device)
+            if not torch.onnx.is_in_onnx_export():
+                keep = keep[(lv[keep] * b.shape[0] + rank).sort().indices]
+            if post_n < pre_n:  # each level's top post_n: the rank within the level from where each level starts
                 lk = lv[keep]
-                keep = keep[torch.arange(len(keep), device=lk.device) - torch.searchsorted(lk, lk) < post_n]
+                starts = (lk[None] < torch.arange(len(anchors), device=lk.device)[:, None]).sum(1)  # (L,)
+                keep = keep[rank - starts[lk] < post_n]
             out_boxes.append(b[keep])
             out_scores.append(s[keep])
         boxes, scores = out_boxes, out_scores
@@ -427,7 +449,7 @@ class RPN(nn.Module):
             starts = torch.tensor([0] + [len(s) for s in scores], device=chosen.device).cumsum(0)
             cuts = torch.searchsorted(chosen, starts).tolist()  # image i's are chosen[cuts[i]:cuts[i + 1]]
             return list(torch.cat(boxes)[chosen].split([b - a for a, b in zip(cuts, cuts[1:])]))
-        return [b[s.topk(min(top_n, s.numel()), sorted=True)[1]] for b, s in zip(boxes, scores)]
+        return [b[s.topk(topk_count(s, top_n), sorted=True)[1]] for b, s in zip(boxes, scores)]
 
     def loss(self, anchors, logits, deltas, image_sizes, targets):
         """anchors (P, 4), logits (N, P), deltas (N, P, 4) -> loss_objectness, loss_rpn_box_reg (rpn/loss.py)."""
@@ -490,13 +512,17 @@ class Pooler(nn.Module):
         # level otherwise). A level outside 0..L-1 (a NaN box size) goes last and keeps zero features.
         n = len(feats)
         levels = torch.where((levels >= 0) & (levels < n), levels, n)
-        counts = torch.zeros(n + 1, dtype=torch.int64, device=levels.device).scatter_add_(0, levels,
-                                                                                      torch.ones_like(levels))
-        per_level = levels.sort(stable=True).indices.split(counts.tolist())
+        tracing = torch.jit.is_tracing()
+        if tracing:  # a trace would freeze the counts: one nonzero per level, each in index order too
+            per_level = [torch.nonzero(levels == lvl).squeeze(1) for lvl in range(n)]
+        else:
+            counts = torch.zeros(n + 1, dtype=torch.int64, device=levels.device).scatter_add_(0, levels,
+                                                                                          torch.ones_like(levels))
+            per_level = levels.sort(stable=True).indices.split(counts.tolist())
         c, r = feats[0].shape[1], self.resolution
-        out = feats[0].new_zeros((len(rois), c, r, r))
+        out = feats[0].new_zeros((rois.shape[0], c, r, r))
         for f, scale, idx in zip(feats, self.scales, per_level):
-            if idx.numel():
+            if tracing or idx.numel():
                 out[idx] = ops.roi_align(f.contiguous(), rois[idx], (r, r), scale, self.sampling_ratio, aligned=False)
         return out
 
@@ -590,10 +616,12 @@ class BoxHead(nn.Module):
         """Softmax, decode every class, clip, per class score > thresh and NMS, cap per image
         (roi_heads/box_head/inference.py, PostProcessor)."""
         k = logits.shape[1]
-        probs = F.softmax(logits, -1)
-        counts = [len(p) for p in proposals]
+        probs, deltas = [F.softmax(logits, -1)], [deltas]
+        if len(proposals) > 1:  # (one image: no split, whose sizes a trace for export would freeze)
+            counts = [len(p) for p in proposals]
+            probs, deltas = probs[0].split(counts), deltas[0].split(counts)
         results = []
-        for prob, delta, props, size in zip(probs.split(counts), deltas.split(counts), proposals, image_sizes):
+        for prob, delta, props, size in zip(probs, deltas, proposals, image_sizes):
             boxes = clip_boxes(self.coder.decode(delta, props), size).view(-1, k, 4)
             # candidates in (class, proposal) order, background skipped; strict '>' as upstream
             cls, idx = torch.nonzero(prob[:, 1:].t() > self.score_thresh, as_tuple=True)
@@ -603,10 +631,11 @@ class BoxHead(nn.Module):
             # the kept indices restores upstream's order (by class, then proposal index).
             keep = ops.batched_nms(b, s, cls, self.nms_thresh, offset=1).sort().values
             b, s, cls = b[keep], s[keep], cls[keep]
-            if len(s) > self.detections_per_img > 0:
+            if self.detections_per_img > 0 and (torch.jit.is_tracing() or len(s) > self.detections_per_img):
                 # the cap-th largest score as threshold (upstream's kthvalue), ties kept: may leave slightly more than
-                # the cap, as upstream. topk on the device: no copy to the host and back.
-                thresh = s.topk(self.detections_per_img, sorted=True).values[-1]
+                # the cap, as upstream. topk on the device: no copy to the host and back. In a trace, fewer than
+                # the cap make the smallest the threshold, which keeps all ([-1:]: none gives none).
+                thresh = s.topk(topk_count(s, self.detections_per_img), sorted=True).values[-1:]
                 keep = torch.nonzero(s >= thresh).squeeze(1)
                 b, s, cls = b[keep], s[keep], cls[keep]
             results.append({"boxes": b, "scores": s, "labels": cls})
@@ -639,7 +668,8 @@ class FasterRCNN(nn.Module):
         self.channels_last = channels_last
 
     def forward(self, images, image_sizes, targets=None):
-        image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
+        if not torch.jit.is_tracing():  # traced for export, they stay (2,) tensors: an input of the graph
+            image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
         if self.training:
             if targets is None:
                 raise ValueError("FasterRCNN in training mode needs targets")

@@ -19,6 +19,8 @@ which op runs where:
     cuda, other  torchvision's kernels (offset=1 NMS shifts x2, y2 by +1, which gives the legacy IoU exactly)
 FRCNN_OPS=auto (default) | native (our kernels or fail) | torchvision (torchvision's kernels everywhere) |
 cpu (non-CPU tensors make a CPU round trip through our kernels) overrides that choice.
+Under torch.onnx.export (the TorchScript-based exporter, export.py) both ops become ONNX's standard
+NonMaxSuppression and RoiAlign (opset >= 11; section "ONNX export" below), with the semantics above.
 
 The extension is JIT-built on first use with torch.utils.cpp_extension into
 $FRCNN_OPS_BUILD_DIR (default: torch's extension cache, ~/.cache/torch_extensions), in a folder whose name hashes
@@ -289,6 +291,8 @@ def _native_nms(boxes, scores, iou_threshold, offset, labels=None):
 
 def nms(boxes, scores, iou_threshold, offset=0):
     """Kept indices (int64) of `boxes` (N,4) x1y1x2y2 after NMS, by decreasing score (ties: lower index first)."""
+    if torch.onnx.is_in_onnx_export():
+        return _onnx_batched_nms(boxes, scores, torch.zeros_like(scores, dtype=torch.int64), iou_threshold, offset)
     return _nms(backend_name(boxes.device, "nms"), boxes, scores, iou_threshold, offset)
 
 
@@ -306,7 +310,11 @@ def _nms(backend, boxes, scores, iou_threshold, offset):
 
 
 def batched_nms(boxes, scores, idxs, iou_threshold, offset=0):
-    """NMS independently per category idxs (N,); kept indices (int64) by decreasing score."""
+    """NMS independently per category idxs (N,); kept indices (int64) by decreasing score. In an ONNX export they
+    come category by category (ascending), by decreasing score within each: callers order them by a key of their
+    own (model.py sorts by level or by index), which both orders give alike."""
+    if torch.onnx.is_in_onnx_export():
+        return _onnx_batched_nms(boxes, scores, idxs, iou_threshold, offset)
     return _batched_nms(backend_name(boxes.device, "nms"), boxes, scores, idxs, iou_threshold, offset)
 
 
@@ -352,13 +360,18 @@ class _RoIAlign(torch.autograd.Function):
 
 def boxes_to_rois(boxes):
     """List of per-image (Ki,4) boxes -> (sum Ki, 5) rois with the image index in column 0."""
-    idx = torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)])
+    idx = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])  # full_like: traced sizes stay dynamic
     return torch.cat([idx, torch.cat(list(boxes))], dim=1)
 
 
 def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False):
     """(K,C,ph,pw) features of rois (K,5) = (batch_idx, x1,y1,x2,y2) in image coordinates, from input (B,C,H,W)
     at `spatial_scale`; sampling_ratio <= 0 is adaptive (ceil(roi_size / output_size) samples per bin)."""
+    if torch.onnx.is_in_onnx_export():
+        ph, pw = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+        rois = boxes_to_rois(rois) if isinstance(rois, (list, tuple)) else rois
+        return _OnnxRoIAlign.apply(input, rois[:, 1:].to(input.dtype), rois[:, 0].to(torch.int64), float(spatial_scale),
+                                   int(ph), int(pw), int(sampling_ratio), bool(aligned))
     return _roi_align(backend_name(input.device, "roi_align"), input, rois, output_size, spatial_scale,
                       sampling_ratio, aligned)
 
@@ -382,3 +395,66 @@ def _roi_align(backend, input, rois, output_size, spatial_scale, sampling_ratio,
     out = _RoIAlign.apply(x, rois.to(x.dtype), float(spatial_scale), int(ph), int(pw), int(sampling_ratio),
                           bool(aligned))
     return out.to(input.dtype)
+
+
+# ---- ONNX export
+# The forward passes run our kernels (the tracer needs real values); `symbolic` writes the ONNX node. Only standard
+# operators, so ONNX Runtime, TensorRT and MagicMind run the graph without plugins.
+ONNX_MIN_OPSET = 11  # NonMaxSuppression and RoiAlign are opset 10; TopK with a computed k, NonZero, ScatterND 11
+
+
+class _OnnxNMS(torch.autograd.Function):
+    """NonMaxSuppression of boxes (1, N, 4) with scores (1, C, N), one class per category (-1 where a box is not
+    of it) -> selected (M, 3) rows (0, category, box index), category by category, by decreasing score within."""
+
+    @staticmethod
+    def forward(ctx, boxes, scores, iou_threshold):
+        rows = []
+        for c, s in enumerate(scores[0]):
+            idx = torch.nonzero(s > -0.5).squeeze(1)
+            keep = idx[_nms(backend_name(boxes.device, "nms"), boxes[0, idx], s[idx], iou_threshold, 0)]
+            rows.append(torch.stack([torch.zeros_like(keep), torch.full_like(keep, c), keep], 1))
+        return torch.cat(rows) if rows else torch.zeros((0, 3), dtype=torch.int64)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, iou_threshold):
+        const = lambda v, dtype: g.op("Constant", value_t=torch.tensor([v], dtype=dtype))  # noqa: E731
+        # Every box a category has, as torchvision's symbolic (torchvision/ops/_register_onnx_ops.py); a box is
+        # suppressed when IoU > iou_threshold, and -1 (not of the category) is below the score threshold.
+        return g.op("NonMaxSuppression", boxes, scores, const(sys.maxsize, torch.int64),
+                    const(iou_threshold, torch.float32), const(-0.5, torch.float32))
+
+
+def _onnx_batched_nms(boxes, scores, idxs, iou_threshold, offset):
+    """batched_nms as one NonMaxSuppression with the categories as its classes: exact per-category NMS, no
+    coordinate shift (whose rounding at large coordinates could move a tie at the threshold)."""
+    # ONNX computes IoU with widths x2 - x1: x2 + 1, y2 + 1 gives the legacy +1 IoU. Its corner format takes
+    # (y1, x1, y2, x2) or any diagonal pair, so x1y1x2y2 goes in as it is.
+    boxes = _shift_legacy(boxes.float(), offset)
+    # The category count from the data, one past the largest (a 0 appended: an empty input has none)
+    num = torch.cat([idxs.to(torch.int64), idxs.new_zeros(1, dtype=torch.int64)]).max() + 1
+    per_cat = idxs.to(torch.int64)[None] == torch.arange(num, device=idxs.device)[:, None]  # (C, N)
+    s = torch.where(per_cat, scores.float()[None], torch.full_like(scores.float()[None], -1.0))
+    return _OnnxNMS.apply(boxes[None], s[None], float(iou_threshold))[:, 2]
+
+
+class _OnnxRoIAlign(torch.autograd.Function):
+    """RoiAlign of input (B, C, H, W), boxes (K, 4), batch indices (K,) with our roi_align's semantics: aligned=False
+    is upstream's legacy ROIAlign (no half-pixel shift, RoIs at least 1x1), RoiAlign-10's only mode and RoiAlign-16's
+    "output_half_pixel"; the default "half_pixel" is aligned=True."""
+
+    @staticmethod
+    def forward(ctx, input, boxes, batch_idx, spatial_scale, ph, pw, sampling_ratio, aligned):
+        rois = torch.cat([batch_idx[:, None].to(boxes.dtype), boxes], 1)
+        return _roi_align(backend_name(input.device, "roi_align"), input, rois, (ph, pw), spatial_scale,
+                          sampling_ratio, aligned)
+
+    @staticmethod
+    def symbolic(g, input, boxes, batch_idx, spatial_scale, ph, pw, sampling_ratio, aligned):
+        extra = {}
+        if g.opset >= 16:
+            extra["coordinate_transformation_mode_s"] = "half_pixel" if aligned else "output_half_pixel"
+        elif aligned:
+            raise RuntimeError(f"roi_align(aligned=True) needs ONNX opset 16 or newer, not {g.opset}")
+        return g.op("RoiAlign", input, boxes, batch_idx, spatial_scale_f=spatial_scale, output_height_i=ph,
+                    output_width_i=pw, sampling_ratio_i=max(sampling_ratio, 0), mode_s="avg", **extra)

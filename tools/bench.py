@@ -5,6 +5,7 @@
     python tools/bench.py model --repeats 3     # Faster R-CNN inference and training, ours against torchvision's
     python tools/bench.py data                  # training data pipeline on coco_tiny: img/s per worker, ours/tv
     python tools/bench.py eval --repeats 3      # pycocotools against the evaluator in use, on 5000 synthetic images
+    python tools/bench.py export --repeats 3    # our ONNX file in ONNX Runtime against eager and torchvision's export
     python tools/bench.py gpu --device cuda --data datasets/coco_tiny --out gpu_check   # every accelerator figure
     python tools/bench.py gpu --device cpu --dry-run --hw 96,128 --out /tmp/gpu_dry   # the same code, tiny sizes
     python tools/bench.py grid --device cuda --models R-101-FPN --precisions bf16     # one part of it (also: syncs,
@@ -295,6 +296,64 @@ def bench_eval(args):
         [chosen[0], f"{t_ours:.2f}", f"{t_ours / t_ref:.3f}", "identical" if same else "DIFFERENT"]])
 
 
+def bench_export(args):
+    """Our R-50-FPN exported by export.py and run by ONNX Runtime against our eager PyTorch, and torchvision's
+    fasterrcnn_resnet50_fpn exported as its test_onnx.py does (opset 11, its resize inside the graph) against its
+    eager run; CPU, batch 1, random weights, all four alternating in this process, ONNX Runtime with torch's thread
+    count. Also the files' sizes and export times."""
+    import os
+    import tempfile
+    import warnings
+
+    import config
+    import evaluate
+    import export
+    import onnxruntime
+
+    device, hw, threads = torch.device("cpu"), args.hw or IMAGE_HW, torch.get_num_threads()
+    cfg = config.get("R-50-FPN", ["device=cpu"], verbose=False)
+    ours, tv = build_net("ours", "R-50-FPN", device, hw).eval(), build_net("torchvision", "R-50-FPN", device, hw).eval()
+    images, _ = common.synthetic_batch(1, device, hw)
+    x, sizes = images * 255 - 128, [tuple(hw)]  # ours: data.py's kind of input; torchvision normalises inside
+    with tempfile.TemporaryDirectory() as tmp:
+        paths, took = {"ours": os.path.join(tmp, "ours.onnx"), "tv": os.path.join(tmp, "tv.onnx")}, {}
+        t0 = time.perf_counter()
+        export.export(ours, cfg, [], paths["ours"], args.opset, hw=hw)
+        took["ours"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on torchvision's code: not ours to act on
+            kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
+            torch.onnx.export(tv, ([images[0]],), paths["tv"], opset_version=11, input_names=["images_tensors"],
+                              output_names=["boxes", "labels", "scores"], do_constant_folding=True,
+                              dynamic_axes={"images_tensors": [0, 1, 2], "boxes": [0, 1], "labels": [0],
+                                            "scores": [0]}, **kwargs)
+        took["tv"] = time.perf_counter() - t0
+        runner = evaluate.OnnxDetector(paths["ours"], threads=threads)
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads, opts.log_severity_level = threads, 3
+        tv_session = onnxruntime.InferenceSession(paths["tv"], opts, providers=["CPUExecutionProvider"])
+        mib = {k: os.path.getsize(p) / 2 ** 20 for k, p in paths.items()}
+
+    def eager(net, *a):
+        with torch.inference_mode():
+            return net(*a)
+    fns = [lambda: eager(ours, x, sizes), lambda: runner(x, sizes),
+           lambda: eager(tv, [images[0]]), lambda: tv_session.run(None, {"images_tensors": images[0].numpy()})]
+    print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, cpu, {threads} threads (both), image "
+          f"{hw[0]}x{hw[1]}, batch 1, random weights, median of {args.repeats} after 1 warm-up, all alternating; "
+          f"ours at opset {args.opset}, torchvision's at 11")
+    ours_eager, ours_ort, tv_eager, tv_ort = median_times(fns, device, args.repeats)
+    print_table(["measurement", "s per image", "ONNX/eager", "file MiB", "export s"], [
+        ["ours, eager PyTorch", f"{ours_eager:.3f}", "-", "-", "-"],
+        ["ours, ONNX Runtime", f"{ours_ort:.3f}", f"{ours_ort / ours_eager:.2f}", f"{mib['ours']:.1f}",
+         f"{took['ours']:.1f}"],
+        ["torchvision, eager PyTorch", f"{tv_eager:.3f}", "-", "-", "-"],
+        ["torchvision, ONNX Runtime", f"{tv_ort:.3f}", f"{tv_ort / tv_eager:.2f}", f"{mib['tv']:.1f}",
+         f"{took['tv']:.1f}"]])
+    print(f"ours in ONNX Runtime / torchvision's in ONNX Runtime: {ours_ort / tv_ort:.2f}")
+
+
 def subcommands():
     """name -> (function, help, the shared flags it takes (bench_common.add_shared_options), function adding its
     own options)."""
@@ -306,6 +365,9 @@ def subcommands():
                  _data_options),
         "eval": (bench_eval, "COCO evaluation: pycocotools against the evaluator in use, same numbers", ("repeats",),
                  lambda p: p.add_argument("--images", type=int, default=5000, help="synthetic images (default 5000)")),
+        "export": (bench_export, "ONNX export: our file and torchvision's in ONNX Runtime against eager, on the CPU",
+                   ("repeats", "hw"), lambda p: p.add_argument("--opset", type=int, default=17,
+                                                               help="our file's opset (default 17, export.py's)")),
         "model": (bench_model, "Faster R-CNN R-50-FPN inference and training: ours against torchvision's", every,
                   _model_options),
         "startup": (m.bench_startup, "host memory and time of building the training data, COCO-2017-sized json "
