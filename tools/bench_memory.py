@@ -41,7 +41,7 @@ def make_coco_sized(root, split, num_images, num_boxes, polygons, pool=2000, see
             pixels = np.random.default_rng([seed, k]).integers(0, 256, (h, w, 3), dtype=np.uint8)
             launch.atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="JPEG", quality=75))
     rng = np.random.default_rng([seed, num_images])
-    ids = rng.choice(581929, num_images, replace=False) + 1
+    ids = rng.choice(max(581929, 2 * num_images), num_images, replace=False) + 1  # COCO's range while it holds
     which = rng.integers(0, pool, num_images)
     for img_id, k in zip(ids.tolist(), which.tolist()):
         link = os.path.join(root, split, f"{img_id:012d}.jpg")
@@ -70,12 +70,12 @@ def make_coco_sized(root, split, num_images, num_boxes, polygons, pool=2000, see
                                             for i in range(1, 9)) + '], "images": [')
         f.write(", ".join(images))
         f.write('], "annotations": [')
-        columns = [a.tolist() for a in (ids[img_of], iw, ih, bw, bh, x, y, crowd, cats, shape_of)]
-        for start in range(0, num_boxes, 100000):
+        columns = (ids[img_of], iw, ih, bw, bh, x, y, crowd, cats, shape_of)
+        for start in range(0, num_boxes, 100000):  # Python objects for 100,000 boxes at a time, not 25M
             f.write(", " if start else "")
             f.write(", ".join(fmt % (rle % (h, w) if c else shapes[s], bw_ * bh_, c, i, x_, y_, bw_, bh_, cat, 1 + j)
                               for j, (i, w, h, bw_, bh_, x_, y_, c, cat, s) in
-                              enumerate(zip(*(col[start:start + 100000] for col in columns)), start)))
+                              enumerate(zip(*(col[start:start + 100000].tolist() for col in columns)), start)))
         f.write('], "categories": ' + json.dumps([{"supercategory": "thing", "id": c, "name": f"class{c}"}
                                                    for c in evaluate.COCO_IDS]) + "}")
     launch.atomic_write(ann_file, write, mode="w")
