@@ -103,10 +103,12 @@ def _sha1_of_file(ann):
     return sha1.hexdigest()
 
 
-def _read_index(path, digest):
+def _read_index(path, digest, checksum=None):
     """(meta, read-only arrays mapped from the file) when path is an intact index of the json whose SHA-1 is digest,
     else None: absent, another json's or version's (silently), or damaged: truncated, not an index, or a checksum
-    that does not hold (said in one line; the caller rebuilds it)."""
+    that does not hold (said in one line; the caller rebuilds it). With `checksum`, the SHA-1 its header records, the
+    file is taken as the one a process already checked (a loader worker re-mapping its parent's): the header must
+    record it, the data is not hashed again. meta["index"] = [path, that SHA-1 in hex], what map_index takes."""
     try:
         with open(path, "rb") as f:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # pages shared by every process and worker
@@ -122,14 +124,26 @@ def _read_index(path, digest):
         if (meta["version"], meta["digest"]) != (INDEX_VERSION, digest):
             return None  # an older version, or the json changed since: stale, not damaged
         start = -(-(_HEAD + size) // 64) * 64
-        if len(buf) != start + meta["data_bytes"] or hashlib.sha1(memoryview(buf)[_HEAD:]).digest() != buf[16:36]:
+        if len(buf) != start + meta["data_bytes"] or (buf[16:36].hex() != checksum if checksum else
+                                                       hashlib.sha1(memoryview(buf)[_HEAD:]).digest() != buf[16:36]):
             raise ValueError("its checksum does not hold")
         arrays = {k: np.frombuffer(buf, np.dtype(dtype), math.prod(shape), start + offset).reshape(shape)
                   for k, (dtype, shape, offset) in meta.pop("arrays").items()}
     except (ValueError, KeyError, TypeError) as e:  # json's errors are ValueErrors
         print(f"data: warning: the index {path} is damaged ({e}); rebuilding it", flush=True)
         return None
+    meta["index"] = [path, buf[16:36].hex()]
     return meta, arrays
+
+
+def map_index(path, digest, checksum):
+    """(meta, arrays) of the index file that another process of this machine checked and mapped (meta["index"] is
+    [path, checksum]): how a loader worker started by forkserver or spawn gets its parent's data without a copy."""
+    found = _read_index(path, digest, checksum)
+    if found is None:
+        raise DataError(f"the index {path} changed after this process's parent mapped it (its json edited, or the "
+                        f"cache folder emptied, during the run?): restart the run")
+    return found
 
 
 def _write_index(path, meta, arrays):
@@ -555,23 +569,25 @@ def _file_name(values):
 
 
 class _SlicedArray(collections.abc.Sequence):
-    """Item i of a flat array cut at offsets: convert(values[start[i]:end[i]]). It holds no per-item Python object,
-    so forked loader workers have no reference count to write and copy nothing of it."""
+    """Item i of a flat array cut at offsets, for row r = rows[i]: convert(values[off[r]:off[r + 1]]), or
+    convert(values[r:r + 1]) without offsets. It holds no per-item Python object and no per-item array of its own,
+    so loader workers have no reference count to write and nothing to copy or compute."""
 
-    def __init__(self, values, start, end, convert):
-        self.values, self.start, self.end, self.convert = values, start, end, convert
+    def __init__(self, values, off, rows, convert):
+        self.values, self.off, self.rows, self.convert = values, off, rows, convert
 
     def __len__(self):
-        return len(self.start)
+        return len(self.rows)
 
     def __getitem__(self, i):
-        return self.convert(self.values[self.start[i]:self.end[i]])
+        r = int(self.rows[i])
+        return self.convert(self.values[r:r + 1] if self.off is None else self.values[self.off[r]:self.off[r + 1]])
 
 
 def per_image(arrays, rows):
-    """(boxes, labels, sizes, files) of the images at rows: sequences over the flat arrays whose item i is image
-    rows[i]'s (G, 4) float32 boxes and (G,) labels (writable copies), its (w, h) and its file name."""
-    a, lo, hi = arrays, arrays["box_off"][rows], arrays["box_off"][rows + 1]
-    return (_SlicedArray(a["boxes"], lo, hi, _copy), _SlicedArray(a["labels"], lo, hi, _copy),
-            _SlicedArray(a["sizes"], rows, rows + 1, _size),
-            _SlicedArray(a["name_buf"], a["name_off"][rows], a["name_off"][rows + 1], _file_name))
+    """(boxes, labels, sizes, files) of the images at rows (an array or a range): sequences over the flat arrays
+    whose item i is image rows[i]'s (G, 4) float32 boxes and (G,) labels (writable copies), its (w, h) and its file
+    name."""
+    a, box_off = arrays, arrays["box_off"]
+    return (_SlicedArray(a["boxes"], box_off, rows, _copy), _SlicedArray(a["labels"], box_off, rows, _copy),
+            _SlicedArray(a["sizes"], None, rows, _size), _SlicedArray(a["name_buf"], a["name_off"], rows, _file_name))
