@@ -184,13 +184,6 @@ def _write_index(path, meta, arrays):
         return False
 
 
-class _Top(msgspec.Struct):
-    """The arrays of a COCO json as their raw bytes; every other field (info, licenses ...) is skipped, never built."""
-    images: msgspec.Raw = msgspec.Raw(b"")
-    annotations: msgspec.Raw = msgspec.Raw(b"")
-    categories: msgspec.Raw = msgspec.Raw(b"")
-
-
 _Int64 = Annotated[int, msgspec.Meta(ge=-2 ** 63, le=2 ** 63 - 1)]
 _Positive = Annotated[int, msgspec.Meta(gt=0)]
 
@@ -225,6 +218,7 @@ def _utf8_sha1(ann, buf):
     sha1, pending, step = hashlib.sha1(), b"", 1 << 24
     for at in range(0, len(buf), step):
         block = buf[at:at + step]
+        _drop_pages(buf, at, at + step)
         sha1.update(block)
         block = pending + block if pending else block
         try:
@@ -252,46 +246,120 @@ def _drop_segmentation(obj):
     return obj
 
 
-def _chunks(raw, decoder):
-    """The json array raw ('[' ... ']') as runs of whole records of about CHUNK_BYTES: (position of the run's first
+class _Skip(msgspec.Struct):
+    """Any json object, its fields skipped: what locating an array's end decodes."""
+
+
+_SKIP = msgspec.json.Decoder(List[_Skip])
+_WS = re.compile(rb"[ \t\n\r]*")
+_KEY = re.compile(rb'"(?:[^"\\]|\\.)*"\s*:\s*', re.S)
+_ARRAY_END = re.compile(rb"\}[ \t\n\r]*\]")  # after the last object of an array: a candidate end
+_VALUE_END = re.compile(rb"[ \t\n\r]*[,}]")  # after a member's value: a candidate end
+
+
+class _NotStreamable(Exception):
+    """The top-level object cannot be walked member by member (not an object, a repeated key, an array of other
+    than objects, a syntax error): json reads the whole file, and names where it breaks."""
+
+
+def _drop_pages(buf, done, upto):
+    """Hand back the memory map's pages in [done, upto) (read, not needed again): the file's pages stay in the
+    page cache but leave this process's resident set. Returns the new `done`."""
+    upto = min(upto, len(buf)) - min(upto, len(buf)) % mmap.PAGESIZE
+    if isinstance(buf, mmap.mmap) and upto > done:
+        buf.madvise(mmap.MADV_DONTNEED, done, upto - done)
+    return max(done, upto)
+
+
+def _chunks(buf, at, decoder, end):
+    """The json array at buf[at] ('[') as runs of whole objects of about CHUNK_BYTES: (position of the run's first
     record, its records, typed), decoded by `decoder` (typed) or, where that refuses a value, by json into dicts
-    without 'segmentation'. A run is cut after a "}, {" past CHUNK_BYTES; one inside a string or a nested value
-    leaves a run that cannot parse, so the run grows to a later one."""
-    end, start, k, want = len(raw) - 1, 1, 0, CHUNK_BYTES
-    while start < end:
-        cut = _BOUNDARY.search(raw, start + want, end) if start + want < end else None
-        stop = cut.start() + 1 if cut else end
-        text = b"[" + raw[start:stop] + b"]"
-        try:
-            records, typed = decoder.decode(text), True
-        except (msgspec.DecodeError, AttributeError):  # AttributeError: no typed decoder
+    without 'segmentation'; end[0] is then where the array ends. A run is cut after a "}, {" past CHUNK_BYTES, or
+    ends the array at a "}]": one inside a string or a nested value leaves a run that cannot parse (json's grammar
+    reads a prefix the same way wherever it is cut), so a later one is tried."""
+    start = _WS.match(buf, at + 1).end()
+    k, want, done = 0, CHUNK_BYTES, at - at % mmap.PAGESIZE
+    while buf[start:start + 1] != b"]":
+        cut = _BOUNDARY.search(buf, start + want)
+        hi = cut.start() + 1 if cut else len(buf)
+        for stop in [m.start() + 1 for m in _ARRAY_END.finditer(buf, start, hi)] + [hi] * bool(cut):
+            text = b"[" + buf[start:stop] + b"]"
             try:
-                records, typed = json.loads(text, object_hook=_drop_segmentation), False
-            except ValueError:
-                if cut is None:
-                    raise
-                want *= 2
-                continue
+                if decoder is None:  # the categories: json's dicts
+                    raise msgspec.DecodeError
+                records, typed = decoder.decode(text), True
+            except msgspec.DecodeError:
+                try:
+                    records, typed = json.loads(text, object_hook=_drop_segmentation), False
+                except ValueError:
+                    continue
+            except RecursionError:
+                raise _NotStreamable from None
+            break
+        else:
+            if cut is None:
+                raise _NotStreamable
+            want *= 2
+            continue
         yield k, records, typed
-        start, k, want = (cut.end() - 1 if cut else end), k + len(records), CHUNK_BYTES
+        k, want, done = k + len(records), CHUNK_BYTES, _drop_pages(buf, done, start)
+        start = cut.end() - 1 if cut and stop == hi else _WS.match(buf, stop).end()  # the next object, or ']'
+    end[:] = [start + 1]
+
+
+def _members(buf, at):
+    """{key: (start, end)} of the values of the top-level object at buf[at], arrays walked run by run (_chunks)
+    without building their objects, other values parsed. Raises _NotStreamable."""
+    pos, spans = _WS.match(buf, at).end(), {}
+    if buf[pos:pos + 1] != b"{":
+        raise _NotStreamable
+    pos = _WS.match(buf, pos + 1).end()
+    while buf[pos:pos + 1] != b"}" or spans:
+        key = _KEY.match(buf, pos)
+        if not key:
+            raise _NotStreamable
+        name, pos = json.loads(buf[key.start():key.end()].rstrip(b" \t\n\r:")), key.end()
+        if buf[pos:pos + 1] == b"[":
+            end = []
+            for _ in _chunks(buf, pos, _SKIP, end):
+                pass
+            end = end[0]
+        else:
+            end = next((m.start() for m in _VALUE_END.finditer(buf, pos) if _parses(buf[pos:m.start()])), None)
+        if end is None or name in spans:
+            raise _NotStreamable
+        spans[name], pos = (pos, end), _WS.match(buf, end).end()
+        if buf[pos:pos + 1] == b"}":
+            break
+        if buf[pos:pos + 1] != b",":
+            raise _NotStreamable
+        pos = _WS.match(buf, pos + 1).end()
+    if _WS.match(buf, pos + 1).end() != len(buf):
+        raise _NotStreamable
+    return spans
+
+
+def _parses(text):
+    try:
+        json.loads(text)
+        return True
+    except (ValueError, RecursionError):
+        return False
 
 
 def _runs(ann, key, value, errors, priority):
     """(k, records, typed) runs of the json's `key`, its records k, k+1, ... (see _chunks); none, with the error
-    noted, where they are not a list of json objects. value: a msgspec.Raw, or the parsed value, or _ABSENT."""
-    if isinstance(value, msgspec.Raw):
-        raw = memoryview(value)
-        if len(raw) and raw[0] == ord("["):
-            for k, records, typed in _chunks(raw, _DECODERS[key]):
-                if not typed:
-                    try:
-                        _records(ann, {key: records}, key, True)
-                    except DataError as e:
-                        errors.setdefault(priority, e)
-                        return
-                yield k, records, typed
-            return
-        value = json.loads(raw.tobytes()) if len(raw) else _ABSENT
+    noted, where they are not a list of json objects. value: (buf, start), or the parsed value, or _ABSENT."""
+    if type(value) is tuple:  # (buf, position of the array)
+        for k, records, typed in _chunks(*value, _DECODERS[key], []):
+            if not typed:
+                try:
+                    _records(ann, {key: records}, key, True)
+                except DataError as e:
+                    errors.setdefault(priority, e)
+                    return
+            yield k, records, typed
+        return
     try:
         yield 0, _records(ann, {} if value is _ABSENT else {key: value}, key, key != "annotations"), False
     except DataError as e:
@@ -442,12 +510,13 @@ def _build_index(ann, train):
     except OSError as e:
         raise DataError(f"cannot read the annotation file {ann}: {e.strerror or e}") from None
     digest = _utf8_sha1(ann, buf)
-    text = memoryview(buf)[3 if buf[:3] == codecs.BOM_UTF8 else 0:]
-    try:
-        top = msgspec.json.decode(text, type=_Top)  # the arrays located, and the file's syntax checked, in C
-        sections = {k: getattr(top, k) for k in _DECODERS}
-    except (msgspec.DecodeError, RecursionError):  # not strict json (NaN, Infinity), or not an object: json reads it
-        d = _parse_json(ann, text)
+    at = 3 if buf[:3] == codecs.BOM_UTF8 else 0
+    try:  # the members located, arrays walked in runs without building them; the pages read handed back
+        spans = _members(buf, at)
+        sections = {k: _ABSENT if k not in spans else (buf, spans[k][0]) if buf[spans[k][0]:spans[k][0] + 1] == b"["
+                    else json.loads(buf[slice(*spans[k])]) for k in _DECODERS}
+    except _NotStreamable:  # not an object, a repeated key, not json: json reads the whole file and says why
+        d = _parse_json(ann, memoryview(buf)[at:])
         if not isinstance(d, dict):
             raise DataError(f"{ann}: holds a json {type(d).__name__}, not COCO's object of images and annotations")
         sections = {k: d.get(k, _ABSENT) for k in _DECODERS}
