@@ -275,14 +275,14 @@ def _chunks(buf, at, decoder, end):
     """The json array at buf[at] ('[') as runs of whole objects of about CHUNK_BYTES: (position of the run's first
     record, its records, typed), decoded by `decoder` (typed) or, where that refuses a value, by json into dicts
     without 'segmentation'; end[0] is then where the array ends. A run is cut after a "}, {" past CHUNK_BYTES, or
-    ends the array at a "}]": one inside a string or a nested value leaves a run that cannot parse (json's grammar
-    reads a prefix the same way wherever it is cut), so a later one is tried."""
+    else ends the array at a "}]": one inside a string or a nested value, or past the array, leaves a run that
+    cannot parse (json reads a prefix the same way wherever it is cut), so another is tried."""
     start = _WS.match(buf, at + 1).end()
     k, want, done = 0, CHUNK_BYTES, at - at % mmap.PAGESIZE
     while buf[start:start + 1] != b"]":
         cut = _BOUNDARY.search(buf, start + want)
         hi = cut.start() + 1 if cut else len(buf)
-        for stop in [m.start() + 1 for m in _ARRAY_END.finditer(buf, start, hi)] + [hi] * bool(cut):
+        for stop in itertools.chain([hi] if cut else [], (m.start() + 1 for m in _ARRAY_END.finditer(buf, start, hi))):
             text = b"[" + buf[start:stop] + b"]"
             try:
                 if decoder is None:  # the categories: json's dicts
