@@ -209,7 +209,7 @@ class _Annotation(msgspec.Struct, gc=False):
 
 _DECODERS = {"images": msgspec.json.Decoder(List[_Image]), "annotations": msgspec.json.Decoder(List[_Annotation]),
              "categories": None}
-_BOUNDARY = re.compile(rb"\}\s*,\s*\{")  # between two objects of an array: a candidate place to cut it
+_BOUNDARY = re.compile(rb"\}[ \t\n\r]*,[ \t\n\r]*\{")  # between two objects of an array: a candidate place to cut it
 CHUNK_BYTES = 1 << 22  # a run of whole records decoded at once: ~25,000 annotations of Python objects at most
 
 
@@ -252,7 +252,7 @@ class _Skip(msgspec.Struct):
 
 _SKIP = msgspec.json.Decoder(List[_Skip])
 _WS = re.compile(rb"[ \t\n\r]*")
-_KEY = re.compile(rb'"(?:[^"\\]|\\.)*"\s*:\s*', re.S)
+_KEY = re.compile(rb'"(?:[^"\\]|\\.)*"[ \t\n\r]*:[ \t\n\r]*', re.S)
 _ARRAY_END = re.compile(rb"\}[ \t\n\r]*\]")  # after the last object of an array: a candidate end
 _VALUE_END = re.compile(rb"[ \t\n\r]*[,}]")  # after a member's value: a candidate end
 
