@@ -248,7 +248,8 @@ def _startup_build(args):
         from pycocotools.coco import COCO
         with contextlib.redirect_stdout(io.StringIO()):
             COCO(os.path.join(args.root, "annotations", f"instances_{args.split}.json"))
-    else:
+    else:  # an index folder of its own: the workers part's loaders may be mapping ROOT/cache meanwhile
+        os.environ["FRCNN_DATA_CACHE"] = os.path.join(args.root, "cache_build")
         if args.as_build == "cold":
             shutil.rmtree(os.environ["FRCNN_DATA_CACHE"], ignore_errors=True)
             t0 = time.perf_counter()
