@@ -147,7 +147,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.plain_ids = meta["plain_ids"]  # every id a non-negative integer: what hotcoco can read (evaluate.py)
         self.cat_id_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.label_to_cat_id = {i + 1: c for i, c in enumerate(self.cat_ids)}
-        self._index = meta.get("index") and (meta["index"][0], meta["digest"], meta["index"][1])  # what a pickle carries (__getstate__)
+        # (index file, json's SHA-1, the file's SHA-1): what a pickle carries instead of the arrays (__getstate__)
+        self._index = meta.get("index") and (meta["index"][0], meta["digest"], meta["index"][1])
         self._attach(a)
         count = dict(meta["counts"])
         if train:  # upstream keeps images whose boxes are all crowd or degenerate, then crashes on them
