@@ -539,8 +539,9 @@ def _build_index(ann, train):
         else:
             no_key = next((j for j, a in enumerate(anns) if not (_is_scalar_id(a.get("id")) and "image_id" in a)), None)
             if no_key is not None:
-                errors.setdefault(7, DataError(f"{ann}: annotation #{k + no_key} of 'annotations' ({anns[no_key]!r:.120}"
-                                               f") needs an 'id' (an integer or a string) and an 'image_id'"))
+                errors.setdefault(7, DataError(f"{ann}: annotation #{k + no_key} of 'annotations' ("
+                                               f"{anns[no_key]!r:.120}) needs an 'id' (an integer or a string) and "
+                                               f"an 'image_id'"))
                 continue
             fields, ann_ids = _annotation_fields(anns, cat_id_to_label), [a["id"] for a in anns]
             image_ids = np.array([a["image_id"] for a in anns] + [None], object)[:-1]  # 1-D, whatever they hold

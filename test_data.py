@@ -586,7 +586,8 @@ def test_dataset_pickles_as_its_index_path_whatever_its_size(tmp_path):
             sizes.append(len(blob))
             copy = pickle.loads(blob)
             assert copy._index == ds._index and "_arrays" not in pickle.loads(blob).__getstate__()
-            assert len(copy) == len(ds) and copy.ids == ds.ids and copy.aspect_group.tolist() == ds.aspect_group.tolist()
+            assert len(copy) == len(ds) and copy.ids == ds.ids
+            assert copy.aspect_group.tolist() == ds.aspect_group.tolist()
             for i in (0, len(ds) // 2, len(ds) - 1):
                 assert copy.path(i) == ds.path(i) and copy.sizes[i] == ds.sizes[i]
                 assert np.array_equal(copy.boxes[i], ds.boxes[i]) and np.array_equal(copy.labels[i], ds.labels[i])
@@ -622,7 +623,8 @@ for workers in (0, 2):
     out.append(batches)
 for a, b in zip(*out):
     assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[3] == b[3], (a[3], b[3])
-    assert all(torch.equal(x["boxes"], y["boxes"]) and torch.equal(x["labels"], y["labels"]) for x, y in zip(a[2], b[2]))
+    assert all(torch.equal(x["boxes"], y["boxes"]) and torch.equal(x["labels"], y["labels"])
+               for x, y in zip(a[2], b[2]))
 print("same", len(out[0]), len(out[1]))
 """
 

@@ -339,7 +339,8 @@ def _startup_options(p):
     p.add_argument("--ranks", type=int, default=8, help="torchrun processes (default 8)")
     p.add_argument("--workers", type=int, default=2, help="loader worker processes (default 2)")
     p.add_argument("--batches", type=int, default=300, help="batches of 2 images the workers load (default 300)")
-    p.add_argument("--images", type=int, default=118287, help="images in the big json (default COCO 2017 train's; any number)")
+    p.add_argument("--images", type=int, default=118287,
+                   help="images in the big json (default COCO 2017 train's; any number)")
     p.add_argument("--boxes", type=int, default=860001, help="annotations in the big json (default COCO 2017's)")
     p.add_argument("--small", type=int, default=2000, help="images in the small json (default 2000)")
     p.add_argument("--only", default="startup,workers,build", type=lambda s: s.split(","),
