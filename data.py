@@ -16,8 +16,10 @@ cfg.demo_data.
 """
 import functools
 import math
+import multiprocessing
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -122,7 +124,8 @@ class CocoDetection(torch.utils.data.Dataset):
     files passed over). Evaluation keeps every image and refuses, before any work, missing or empty files,
     duplicate annotation ids and annotations without 'area'. self.notes: what was dropped, printed by the loaders.
     The json is parsed once per machine (coco_index); .boxes[i], .labels[i], .sizes[i] (w, h) and .files[i] are
-    read from flat arrays shared by all processes, .ids is a list.
+    read from flat arrays shared by all processes, .ids is a list. It pickles as the index file's path (loader
+    workers under forkserver and spawn map it again).
     Item: dataset[i] (test transform) or dataset[(i, rng_key)] (training augmentation drawn from rng_key)
     -> (image (3, H, W) float32, target dict, i)."""
 
@@ -144,29 +147,55 @@ class CocoDetection(torch.utils.data.Dataset):
         self.plain_ids = meta["plain_ids"]  # every id a non-negative integer: what hotcoco can read (evaluate.py)
         self.cat_id_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.label_to_cat_id = {i + 1: c for i, c in enumerate(self.cat_ids)}
+        # (index file, json's SHA-1, the file's SHA-1): what a pickle carries instead of the arrays (__getstate__)
+        self._index = meta.get("index") and (meta["index"][0], meta["digest"], meta["index"][1])
+        self._attach(a)
         count = dict(meta["counts"])
-        rows = np.arange(len(a["ids"]))
         if train:  # upstream keeps images whose boxes are all crowd or degenerate, then crashes on them
-            rows = np.flatnonzero(np.diff(a["box_off"]) > 0)
-            count["images dropped without a usable non-crowd box"] = len(a["ids"]) - len(rows)
+            count["images dropped without a usable non-crowd box"] = len(a["ids"]) - len(self)
         count["annotation ids used more than once (all kept)"] = meta["repeated_ids"]
         self.notes = [f"data: {split}: {n} {what}" for what, n in count.items() if n]
-        if train and not len(rows):
+        if train and not len(self):
             raise DataError(f"{ann}: no image has a usable box ({meta['annotations']} annotations): nothing to "
                              f"train on")
-        self.ids = a["ids"][rows].tolist()
-        self.boxes, self.labels, self.sizes, self.files = coco_index.per_image(a, rows)
         if not train:  # skipping an image would change the metric: refuse now, before any work
             bad = [p for p in map(self.path, range(len(self))) if not os.path.isfile(p) or os.path.getsize(p) == 0]
             if bad:
                 raise MissingData(f"evaluation needs every image of {split}; {len(bad)} missing or empty: "
                                         + ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
         self.bad = set()  # training: indices found unreadable in this process
-        sizes = a["sizes"][rows]
-        self.aspect_group = (sizes[:, 1] >= sizes[:, 0]).astype(np.int64)  # upstream: h/w < 1 -> 0
+        self.ids, self.aspect_group = self.ids, self.aspect_group  # made now in this process (not in its workers)
+
+    def _attach(self, a):
+        """Per-image views of the index's arrays a: the rows are training's images with a box, or all."""
+        self._arrays = a
+        self._rows = np.flatnonzero(np.diff(a["box_off"]) > 0) if self.train else range(len(a["ids"]))
+        self.boxes, self.labels, self.sizes, self.files = coco_index.per_image(a, self._rows)
+
+    def __getstate__(self):
+        """What a loader worker started by forkserver or spawn receives: the index file's path and checksum, which
+        it maps again (coco_index.map_index), so no array and no per-image list crosses the pipe; the arrays only
+        when there is no index file (no writable cache folder). Workers started by fork receive nothing."""
+        drop = {"boxes", "labels", "sizes", "files", "_rows", "ids", "aspect_group", "_arrays" if self._index else ""}
+        return {k: v for k, v in vars(self).items() if k not in drop}
+
+    def __setstate__(self, state):
+        vars(self).update(state)
+        self._attach(coco_index.map_index(*self._index)[1] if self._index else self._arrays)
+
+    @functools.cached_property
+    def ids(self):
+        """The json's image id of each item, a list of Python ints (evaluate.py writes them); in a worker made on
+        first use, so never."""
+        return self._arrays["ids"][self._rows].tolist()
+
+    @functools.cached_property
+    def aspect_group(self):
+        sizes = self._arrays["sizes"][self._rows]
+        return (sizes[:, 1] >= sizes[:, 0]).astype(np.int64)  # upstream: h/w < 1 -> 0
 
     def __len__(self):
-        return len(self.ids)
+        return len(self._rows)
 
     def path(self, index):
         return os.path.join(self.image_dir, self.files[index])
@@ -415,10 +444,21 @@ def _own_process_group(worker_id):
     os.setpgrp()
 
 
+def start_method():
+    """How loader workers start: the method set with multiprocessing.set_start_method if one was, else fork on
+    Linux (the platform's default elsewhere). Fork starts a worker without importing torch again and keeps what the
+    process set up: log.txt's copy of stdout (logger.py), so a worker's warnings reach the log. Python 3.14 makes
+    forkserver the default, which would drop both; the dataset pickles small (CocoDetection.__getstate__), so any
+    method the user sets works too."""
+    return multiprocessing.get_start_method(allow_none=True) or ("fork" if sys.platform.startswith("linux") else None)
+
+
 def _loader_options(cfg):
     """Worker processes, the padding collate, and pinned host memory for cuda, or mlu through torch_mlu."""
     options = dict(num_workers=cfg.num_workers, worker_init_fn=_own_process_group if cfg.num_workers else None,
                    collate_fn=functools.partial(collate, size_divisibility=cfg.size_divisibility))
+    if cfg.num_workers:
+        options.update(multiprocessing_context=start_method())
     kind = cfg.device.split(":")[0]
     if kind == "cuda" and torch.cuda.is_available():
         options.update(pin_memory=True)

@@ -5,8 +5,11 @@ per-image data that holds no Python object per image."""
 import contextlib
 import io
 import json
+import math
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -426,3 +429,117 @@ def test_string_category_ids_map_to_labels_and_back(tmp_path, index_cache):
         write_json(tmp_path, {"images": [], "annotations": [], "categories": bad})
         with pytest.raises(coco_index.DataError, match=r"categor"):
             dataset(str(tmp_path), False)
+
+
+# ---- the streaming build: runs of records, typed or read by json, in bounded memory
+
+def strict_json(content):
+    """content with its NaN and infinite bbox values (not json: Python's json writes them) made finite numbers that
+    float32 cannot hold, which training drops the same way, so the typed decoder reads the file."""
+    for a in content["annotations"]:
+        if isinstance(a.get("bbox"), list):
+            a["bbox"] = [v if not isinstance(v, float) or math.isfinite(v) else 1e39 for v in a["bbox"]]
+    return content
+
+
+@pytest.fixture
+def small_runs(monkeypatch):
+    """Runs of a few records (many runs per section), and the list of which images' and annotations' runs were
+    decoded typed."""
+    typed = []
+    chunks = coco_index._chunks
+
+    def counted(buf, at, decoder, end):
+        for k, records, was_typed in chunks(buf, at, decoder, end):
+            typed.extend([was_typed] if decoder not in (None, coco_index._SKIP) else [])  # categories: json's
+
+            yield k, records, was_typed
+    monkeypatch.setattr(coco_index, "CHUNK_BYTES", 700)
+    monkeypatch.setattr(coco_index, "_chunks", counted)
+    return typed
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_streaming_runs_give_the_per_image_construction_and_its_errors(tmp_path, index_cache, small_runs, seed):
+    rng = np.random.default_rng(seed)
+    content = strict_json(generated_json(rng, num_images=40, evaluable=seed % 2 == 0))
+    names = []
+    for k in rng.choice(len(FAULTS), int(rng.integers(0, 3)), replace=False).tolist():
+        where, key, value = FAULTS[k]
+        if isinstance(value, float) and not math.isfinite(value) or (where, value) == ("ann", "dup"):
+            continue
+        section = "annotations" if where == "ann" else "images"
+        j = int(rng.integers(len(content[section])))
+        if value is None:
+            content[section][j].pop(key, None)
+        else:
+            content[section][j][key] = value
+        names += [f"#{j} of '{section}'", f"annotation id {content[section][j].get('id')!r} is used"]
+    write_json(tmp_path, content)
+    for train in (True, False):
+        message = assert_same_as_reference(str(tmp_path), "s", train)
+        if isinstance(message, str) and names and "is used" not in message:
+            assert any(name in message for name in names), (message, names)
+    assert sum(small_runs) > 10  # most runs decoded typed
+    assert all(small_runs) or names  # json reads only the runs holding a value the typed decoder refuses
+
+
+def test_index_arrays_are_the_same_for_any_run_size(tmp_path, index_cache, monkeypatch):
+    content = strict_json(generated_json(np.random.default_rng(3), num_images=200))
+    content["annotations"][5]["segmentation"] = [[0.5] * 12, "}, {\"id\": 1}, {"]  # a cut candidate in a string
+    content["annotations"][9]["extra"] = [{"a": 1}, {"b": [2]}]  # one in a nested value
+    path = write_json(tmp_path, content, files=False)
+    ref = coco_index._build_index(path, True)
+    for size in (1, 300, 5000, 1 << 30):
+        monkeypatch.setattr(coco_index, "CHUNK_BYTES", size)
+        meta, arrays = coco_index._build_index(path, True)
+        assert meta == ref[0] and arrays.keys() == ref[1].keys()
+        assert all(a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True) for a, b in
+                   zip(arrays.values(), ref[1].values()))
+
+
+BOUNDED = r"""
+import json, os, resource, sys
+sys.path.insert(0, os.getcwd())
+import coco_index
+path, how, headroom = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with open("/proc/self/status") as f:
+    size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (size + headroom, size + headroom))
+try:
+    if how == "json.load":
+        with open(path, "rb") as f:
+            n = len(json.load(f)["annotations"])
+    else:
+        meta, arrays = coco_index._build_index(path, True)
+        n = meta["annotations"]
+except MemoryError:
+    print("MemoryError")
+else:
+    print(n, len(arrays["labels"]) if how != "json.load" else "")
+"""
+
+
+@pytest.mark.slow
+def test_streaming_build_fits_where_json_load_does_not(tmp_path):
+    # A 60 MB json: json.load's objects need several times that, the streaming build its memory map of the file
+    # and its arrays. Address space (RLIMIT_AS) counts the map, so the headroom covers the file and ~60 MB more.
+    n = 400_000
+    rng = np.random.default_rng(0)
+    wh = rng.integers(50, 600, (1000, 2))
+    path = tmp_path / "big.json"
+    with open(path, "w") as f:
+        f.write('{"images": [' + ", ".join(f'{{"id": {i}, "file_name": "{i}.jpg", "width": {w}, "height": {h}}}'
+                                            for i, (w, h) in enumerate(wh.tolist())) + '], "annotations": [')
+        xywh = rng.uniform(0, 40, (n, 4)).round(2).tolist()
+        f.write(", ".join(f'{{"segmentation": [[1.5, 2.5, 3.5]], "area": 9.0, "iscrowd": 0, "image_id": {j % 1000}, '
+                          f'"bbox": {b}, "category_id": 1, "id": {j}}}' for j, b in enumerate(xywh)))
+        f.write('], "categories": [{"id": 1, "name": "a"}]}')
+    headroom = os.path.getsize(path) + 64 * 2 ** 20
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out = {how: subprocess.run([sys.executable, "-c", BOUNDED, str(path), how, str(headroom)], capture_output=True,
+                               text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+           for how in ("json.load", "index")}
+    assert out["json.load"].stdout.strip() == "MemoryError", out["json.load"]
+    kept = int((np.maximum(np.array(xywh)[:, 2:] - 1, 0) > 0).all(1).sum())  # legacy boxes of positive area
+    assert out["index"].stdout.split() == [str(n), str(kept)], out["index"]

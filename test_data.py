@@ -10,6 +10,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -557,3 +559,82 @@ def test_bad_boxes_give_finite_losses(tmp_path):
     plain[0] = {"boxes": torch.cat([plain[0]["boxes"], torch.tensor([[nan, 5.0, 20.0, 20.0]])]),
                 "labels": torch.cat([plain[0]["labels"], torch.tensor([1])])}
     assert not all(torch.isfinite(v) for v in net(images, sizes, plain).values())
+
+
+# ---- loader workers under each start method: the dataset pickles as its index file's path
+
+def many_images(root, n):
+    """A split of n images (one PNG behind every file name) with a box or two each, image 3 crowd-only."""
+    png = os.path.join(root, "one.png")
+    os.makedirs(root, exist_ok=True)
+    solid((90, 20, 200)).save(png)
+    os.makedirs(os.path.join(root, "s"), exist_ok=True)
+    for i in range(1, n + 1):
+        os.symlink(png, os.path.join(root, "s", f"{i}.png"))
+    anns = [ann(j, 1 + j % n, [1 + j % 7, 2, 9 + j % 5, 8], cat=1 + j % 2, iscrowd=int(1 + j % n == 3))
+            for j in range(2 * n)]
+    return write_split(root, [(i, f"{i}.png", None) for i in range(1, n + 1)], anns)
+
+
+def test_dataset_pickles_as_its_index_path_whatever_its_size(tmp_path):
+    import pickle
+    sizes = []
+    for n in (20, 2000):
+        for train in (True, False):
+            ds = dataset(many_images(str(tmp_path / f"{n}{train}"), n), train)
+            blob = pickle.dumps(ds)
+            sizes.append(len(blob))
+            copy = pickle.loads(blob)
+            assert copy._index == ds._index and "_arrays" not in pickle.loads(blob).__getstate__()
+            assert len(copy) == len(ds) and copy.ids == ds.ids
+            assert copy.aspect_group.tolist() == ds.aspect_group.tolist()
+            for i in (0, len(ds) // 2, len(ds) - 1):
+                assert copy.path(i) == ds.path(i) and copy.sizes[i] == ds.sizes[i]
+                assert np.array_equal(copy.boxes[i], ds.boxes[i]) and np.array_equal(copy.labels[i], ds.labels[i])
+    assert max(sizes) - min(sizes) < 200, sizes  # the path, not the images: 100x the images, the same pickle
+
+
+def test_dataset_without_an_index_file_pickles_its_arrays(tmp_path, monkeypatch):
+    import pickle
+    root = many_images(str(tmp_path / "d"), 30)
+    monkeypatch.setattr(coco_index, "cache_dirs", lambda: [])  # no folder to write an index to
+    ds = dataset(root, True)
+    copy = pickle.loads(pickle.dumps(ds))
+    assert ds._index is None and copy.ids == ds.ids and all(np.array_equal(a, b) for a, b in zip(copy.boxes, ds.boxes))
+
+
+START_METHOD = r"""
+import multiprocessing, os, sys
+sys.path.insert(0, os.getcwd())
+import torch
+import config, data
+method, root = sys.argv[1], sys.argv[2]
+if method != "default":
+    multiprocessing.set_start_method(method, force=True)
+out = []
+for workers in (0, 2):
+    c = config.get("demo", [f"data_root={root}", "train_split=s", "val_split=s", "min_size_train=(30,)",
+                            "max_size_train=64", "min_size_test=30", "max_size_test=64", "ims_per_batch=2",
+                            "test_ims_per_batch=3", f"num_workers={workers}"], verbose=False)
+    train = data.make_train_loader(c)
+    batches = [b for _, b in zip(range(12), train)] + list(data.make_test_loader(c))
+    if workers:
+        print("method", train.multiprocessing_context.get_start_method() if train.multiprocessing_context else None)
+    out.append(batches)
+for a, b in zip(*out):
+    assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[3] == b[3], (a[3], b[3])
+    assert all(torch.equal(x["boxes"], y["boxes"]) and torch.equal(x["labels"], y["labels"])
+               for x, y in zip(a[2], b[2]))
+print("same", len(out[0]), len(out[1]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["default", "fork", "forkserver", "spawn"])
+def test_loader_workers_give_the_same_batches_under_each_start_method(tmp_path, method):
+    root = many_images(str(tmp_path / "d"), 25)
+    proc = subprocess.run([sys.executable, "-c", START_METHOD, method, root], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    expected = "fork" if method == "default" and sys.platform.startswith("linux") else method
+    assert f"method {expected}" in proc.stdout and "same 21 21" in proc.stdout, proc.stdout + proc.stderr

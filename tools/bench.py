@@ -11,6 +11,7 @@
     python tools/bench.py grid --device cuda --models R-101-FPN --precisions bf16     # one part of it (also: syncs,
                                                 # fidelity, trainloop, profile, extras; each writes --json)
     python tools/bench.py startup --polygons     # host memory of 8 ranks building COCO-2017-sized data
+    python tools/bench.py startup --images 580000 --boxes 9700000 --only build,workers   # Objects365 v1's size
 
 The shared flags: --device, --repeats and --hw (image size h,w), each given only to the subcommands that use it,
 and passed on by `gpu` to every step that takes it. The accelerator suite lives in bench_accel.py, startup in

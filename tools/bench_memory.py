@@ -6,12 +6,14 @@ pycocotools' own load.
 import bench_common  # noqa: F401  first: it sets OMP_WAIT_POLICY before torch loads and finds the product
 import argparse  # noqa: E402
 import os  # noqa: E402
+import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 
+import data  # noqa: E402
 import launch  # noqa: E402
-from bench_common import median_times, print_table  # noqa: E402
+from bench_common import print_table  # noqa: E402
 
 
 def make_coco_sized(root, split, num_images, num_boxes, polygons, pool=2000, seed=0):
@@ -41,7 +43,7 @@ def make_coco_sized(root, split, num_images, num_boxes, polygons, pool=2000, see
             pixels = np.random.default_rng([seed, k]).integers(0, 256, (h, w, 3), dtype=np.uint8)
             launch.atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format="JPEG", quality=75))
     rng = np.random.default_rng([seed, num_images])
-    ids = rng.choice(581929, num_images, replace=False) + 1
+    ids = rng.choice(max(581929, 2 * num_images), num_images, replace=False) + 1  # COCO's range while it holds
     which = rng.integers(0, pool, num_images)
     for img_id, k in zip(ids.tolist(), which.tolist()):
         link = os.path.join(root, split, f"{img_id:012d}.jpg")
@@ -70,12 +72,12 @@ def make_coco_sized(root, split, num_images, num_boxes, polygons, pool=2000, see
                                             for i in range(1, 9)) + '], "images": [')
         f.write(", ".join(images))
         f.write('], "annotations": [')
-        columns = [a.tolist() for a in (ids[img_of], iw, ih, bw, bh, x, y, crowd, cats, shape_of)]
-        for start in range(0, num_boxes, 100000):
+        columns = (ids[img_of], iw, ih, bw, bh, x, y, crowd, cats, shape_of)
+        for start in range(0, num_boxes, 100000):  # Python objects for 100,000 boxes at a time, not 25M
             f.write(", " if start else "")
             f.write(", ".join(fmt % (rle % (h, w) if c else shapes[s], bw_ * bh_, c, i, x_, y_, bw_, bh_, cat, 1 + j)
                               for j, (i, w, h, bw_, bh_, x_, y_, c, cat, s) in
-                              enumerate(zip(*(col[start:start + 100000] for col in columns)), start)))
+                              enumerate(zip(*(col[start:start + 100000].tolist() for col in columns)), start)))
         f.write('], "categories": ' + json.dumps([{"supercategory": "thing", "id": c, "name": f"class{c}"}
                                                    for c in evaluate.COCO_IDS]) + "}")
     launch.atomic_write(ann_file, write, mode="w")
@@ -163,66 +165,108 @@ def _startup_peak(args, split):
 
 
 def _startup_loader(args):
-    """Child process: the training loader of args.as_loader with args.workers workers; prints each worker's
-    Private_Dirty (KiB) as it starts (just forked: whatever it copies later counts), after args.batches batches,
-    and after a few more in which each worker first reads every image's entry (boxes, labels, size, path) once and
-    runs one full gc.collect(), as json. That is what a long run's workers end up doing: epochs read every entry,
-    and a full collection writes to every tracked Python object it visits."""
-    import gc
+    """Child process: the training loader of args.as_loader with args.workers workers started by args.start_method;
+    prints as json each worker's Private_Dirty (KiB) once it runs (under fork as it starts: whatever it copies later
+    counts; under forkserver and spawn after its first batch, when it has unpickled the dataset), after args.batches
+    batches, and after a few more in which each worker first reads every image's entry (boxes, labels, size, path)
+    once and runs one full gc.collect(); and the dataset's pickle in bytes (what forkserver and spawn send each
+    worker). That is what a long run's workers end up doing: epochs read every entry, and a full collection writes
+    to every tracked Python object it visits."""
     import json
     import multiprocessing
+    import pickle
 
-    import data
-    full_gc, collected = multiprocessing.Value("b", 0, lock=False), []  # shared flag; a per-process list
-    getitem = data.CocoDetection.__getitem__
-
-    def getitem_then_collect(self, key):
-        if full_gc.value and not collected:
-            for i in range(len(self)):
-                self.boxes[i], self.labels[i], self.sizes[i], self.path(i)
-            collected.append(gc.collect())
-        return getitem(self, key)
-    data.CocoDetection.__getitem__ = getitem_then_collect  # before the workers fork, so they run it
+    multiprocessing.set_start_method(args.start_method, force=True)
+    flag = os.path.join(args.root, f"gc_flag_{os.getpid()}")
+    data.CocoDetection = FullGcDataset  # what make_train_loader builds: workers run it
     cfg = _startup_cfg(args, args.as_loader, f"num_workers={args.workers}", "ims_per_batch=2")
-    batches = iter(data.make_train_loader(cfg))
+    loader = data.make_train_loader(cfg)
+    loader.dataset.gc_flag = flag
+    pickled = len(pickle.dumps(loader.dataset))
+    batches = iter(loader)
     pids = [w.pid for w in batches._workers]  # torch's worker processes (DataLoader internals, for measuring)
-    kib = {"start": [_memory_kib(pid, "Private_Dirty") for pid in pids]}
+    for _ in range(0 if args.start_method == "fork" else args.workers):
+        next(batches)
+    kib = {"start": [_memory_kib(pid, "Private_Dirty") for pid in pids], "pickle": pickled}
     for _ in range(args.batches):
         next(batches)
     kib["batches"] = [_memory_kib(pid, "Private_Dirty") for pid in pids]
-    full_gc.value = 1
+    open(flag, "w").close()
     for _ in range(4 * args.workers + 4):  # past the batches prefetched before the flag was set
         next(batches)
     kib["gc"] = [_memory_kib(pid, "Private_Dirty") for pid in pids]
+    os.remove(flag)
     print(json.dumps(kib))
 
 
-def _worker_growth(args, split):
-    """Each loader worker's Private_Dirty growth (MiB) from its start over args.batches batches of `split`, and
-    after one full garbage collection in each."""
+class FullGcDataset(data.CocoDetection):
+    """data.CocoDetection whose items, once the file named by its gc_flag exists, first read every entry and run one
+    full collection (once per process). A class of this module, so spawned workers unpickle it too."""
+    collected = False
+
+    def __getitem__(self, key):
+        if not FullGcDataset.collected and os.path.exists(self.gc_flag):
+            import gc
+            for i in range(len(self)):
+                self.boxes[i], self.labels[i], self.sizes[i], self.path(i)
+            FullGcDataset.collected = gc.collect() or True
+        return super().__getitem__(key)
+
+
+def _child(args, *extra):
+    """The last line of `bench.py startup --root ROOT *extra` run in a child process, as json."""
     import json
     import subprocess
     import sys
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py"), "startup",
-           "--root", args.root, "--as-loader", split, "--workers",
-           str(args.workers), "--batches", str(args.batches)]
+           "--root", args.root, *extra]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"bench startup: the loader failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
-    kib = json.loads(out.stdout.strip().splitlines()[-1])
-    return [[(b - a) / 1024 for a, b in zip(kib["start"], kib[k])] for k in ("batches", "gc")]
+        raise SystemExit(f"bench startup: {' '.join(extra)} failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _worker_growth(args, split, method):
+    """Each loader worker's Private_Dirty growth (MiB) from its start over args.batches batches of `split`, and
+    after one full garbage collection in each, its Private_Dirty (MiB) at the start, the dataset's pickle (MiB)."""
+    kib = _child(args, "--as-loader", split, "--workers", str(args.workers), "--batches", str(args.batches),
+                 "--start-method", method)
+    return [[(b - a) / 1024 for a, b in zip(kib["start"], kib[k])] for k in ("batches", "gc")] + [
+        [a / 1024 for a in kib["start"]], kib["pickle"] / 2 ** 20]
+
+
+def _startup_build(args):
+    """Child process: one build of the training dataset (args.as_build: pycocotools' COCO(json), ours with the
+    index cache emptied first, or ours mapping the index), as json: seconds and this process's peak RSS (MiB)."""
+    import contextlib
+    import io
+    import json
+    import resource
+    import shutil
+    t0 = time.perf_counter()
+    if args.as_build == "coco":
+        from pycocotools.coco import COCO
+        with contextlib.redirect_stdout(io.StringIO()):
+            COCO(os.path.join(args.root, "annotations", f"instances_{args.split}.json"))
+    else:  # an index folder of its own: the workers part's loaders may be mapping ROOT/cache meanwhile
+        os.environ["FRCNN_DATA_CACHE"] = os.path.join(args.root, "cache_build")
+        if args.as_build == "cold":
+            shutil.rmtree(os.environ["FRCNN_DATA_CACHE"], ignore_errors=True)
+            t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            data.CocoDetection(args.root, args.split, _startup_cfg(args, args.split), train=True)
+    print(json.dumps({"s": time.perf_counter() - t0,
+                      "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def bench_startup(args):
     """Host memory and time of building the training data on a COCO-2017-sized synthetic json against a small one
     (make_coco_sized): (a) peak summed Pss of --ranks torchrun ranks building the loader at once, with the index
     cache cold and warm; (b) each loader worker's Private_Dirty growth from its start over --batches batches;
-    (c) building the training dataset, cache cold and warm, against pycocotools' own COCO(json) load, alternating,
-    median of --repeats. The cache goes to ROOT/cache (FRCNN_DATA_CACHE), emptied for each cold run; the warm rows
+    under each of --start-methods, and the dataset's pickle; (c) building the training dataset, cache cold and warm,
+    against pycocotools' own COCO(json) load, each in its own process (its peak RSS reported), alternating, median
+    of --repeats. The cache goes to ROOT/cache (FRCNN_DATA_CACHE), emptied for each cold run; the warm rows
     are left out when the data.py under test writes no cache (run from an older checkout, for a before/after)."""
-    import contextlib
-    import io
-    import os
     import shutil
     import subprocess
     import tempfile
@@ -230,11 +274,11 @@ def bench_startup(args):
     args.root = args.root or os.path.join(tempfile.gettempdir(), "frcnn_bench_startup" + "_polygons" * args.polygons)
     if args.as_rank:
         return _startup_rank(args)
+    cache = os.environ["FRCNN_DATA_CACHE"] = os.path.join(args.root, "cache")
     if args.as_loader:
         return _startup_loader(args)
-    import data
-    from pycocotools.coco import COCO
-    cache = os.environ["FRCNN_DATA_CACHE"] = os.path.join(args.root, "cache")
+    if args.as_build:
+        return _startup_build(args)
     big, small = f"train{args.images}", f"train{args.small}"
     t0 = time.perf_counter()
     for split, n in ((big, args.images), (small, args.small)):
@@ -258,36 +302,33 @@ def bench_startup(args):
                      f"{b - a:+.2f}", "<= +2"])
         rows.append([f"{args.ranks} ranks' startup, slowest rank's loader s, cache {state}", f"{ta:.1f}", f"{tb:.1f}",
                      f"{tb - ta:+.1f}", "-"])
-    if "workers" in args.only:
-        growth = {split: _worker_growth(args, split) for split in (small, big)}
+    for method in args.start_methods if "workers" in args.only else ():
+        growth = {split: _worker_growth(args, split, method) for split in (small, big)}
         for k, what in enumerate((f"{args.batches} batches", f"{args.batches} batches, every entry read, full gc")):
             a, b = max(growth[small][k]), max(growth[big][k])
-            rows.append([f"loader worker Private_Dirty growth MiB, {what}, worst of {args.workers}", f"{a:.1f}",
+            rows.append([f"{method}: worker Private_Dirty growth MiB, {what}, worst of {args.workers}", f"{a:.1f}",
                          f"{b:.1f}", f"{b - a:+.1f}", "<= +10"])
-        print(f"each worker's growth MiB ({args.batches} batches; then every entry read + a full gc): " + "; ".join(
-            f"{split}: " + ", ".join(f"{x:.1f}" for x in growth[split][0]) + "; " +
-            ", ".join(f"{x:.1f}" for x in growth[split][1]) for split in (small, big)))
-    cfg = _startup_cfg(args, big)
-
-    def coco():
-        with contextlib.redirect_stdout(io.StringIO()):
-            COCO(os.path.join(args.root, "annotations", f"instances_{big}.json"))
-
-    def cold():
-        shutil.rmtree(cache, ignore_errors=True)
-        data.CocoDetection(args.root, big, cfg, train=True)
-
-    def warm():
-        data.CocoDetection(args.root, big, cfg, train=True)
-    if "build" in args.only:
-        t_coco, t_cold = median_times([coco, cold], torch.device("cpu"), args.repeats, warmup=0)
-        rows.append([f"pycocotools COCO(json) s, {big}", "-", f"{t_coco:.1f}", "-", "-"])
-        rows.append([f"training dataset build s, cache cold, {big}", "-", f"{t_cold:.1f}", f"{t_cold - t_coco:+.1f}",
-                     "<= COCO + 2"])
-        if os.path.isdir(cache):  # the code under test keeps an index: a second build maps it
-            t_warm = median_times([warm], torch.device("cpu"), args.repeats, warmup=0)[0]
-            rows.append([f"training dataset build s, cache warm, {big}", "-", f"{t_warm:.1f}",
-                         f"{t_warm - t_coco:+.1f}", "-"])
+        rows.append([f"{method}: worker Private_Dirty MiB once started, worst", f"{max(growth[small][2]):.0f}",
+                     f"{max(growth[big][2]):.0f}", f"{max(growth[big][2]) - max(growth[small][2]):+.0f}", "-"])
+        rows.append([f"training dataset pickled MiB (sent to each {method} worker)", f"{growth[small][3]:.3f}",
+                     f"{growth[big][3]:.3f}", "-", "<= 16"])
+        print(f"{method}: each worker's growth MiB ({args.batches} batches; then every entry read + a full gc): " +
+              "; ".join(f"{split}: " + ", ".join(f"{x:.1f}" for x in growth[split][0]) + "; " +
+                        ", ".join(f"{x:.1f}" for x in growth[split][1]) for split in (small, big)))
+    if "build" in args.only:  # each build in its own process, so its peak RSS is its own; alternating, median
+        runs = {how: [] for how in ("coco", "cold", "warm")}
+        for _ in range(args.repeats):
+            for how in runs:
+                runs[how].append(_child(args, "--as-build", how, "--split", big))
+        t, peak = ({how: statistics.median(r[key] for r in rs) for how, rs in runs.items()} for key in ("s", "peak"))
+        rows.append([f"pycocotools COCO(json) s, {big}", "-", f"{t['coco']:.1f}", "-", "-"])
+        rows.append([f"training dataset build s, cache cold, {big}", "-", f"{t['cold']:.1f}",
+                     f"x{t['cold'] / t['coco']:.2f} of COCO", "<= x0.5"])
+        rows.append([f"training dataset build s, cache warm, {big}", "-", f"{t['warm']:.1f}", "-", "<= 2"])
+        for how, what in (("coco", "pycocotools COCO(json)"), ("cold", "build, cache cold"),
+                          ("warm", "build, cache warm")):
+            rows.append([f"{what}: its process's peak RSS GiB, {big}", "-", f"{peak[how] / 1024:.2f}", "-",
+                         "<= 2" if how == "cold" else "-"])
     print_table(["measurement", small, big, "big - small", "target"], rows)
     print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
@@ -298,11 +339,17 @@ def _startup_options(p):
     p.add_argument("--ranks", type=int, default=8, help="torchrun processes (default 8)")
     p.add_argument("--workers", type=int, default=2, help="loader worker processes (default 2)")
     p.add_argument("--batches", type=int, default=300, help="batches of 2 images the workers load (default 300)")
-    p.add_argument("--images", type=int, default=118287, help="images in the big json (default COCO 2017 train's)")
+    p.add_argument("--images", type=int, default=118287,
+                   help="images in the big json (default COCO 2017 train's; any number)")
     p.add_argument("--boxes", type=int, default=860001, help="annotations in the big json (default COCO 2017's)")
     p.add_argument("--small", type=int, default=2000, help="images in the small json (default 2000)")
     p.add_argument("--only", default="startup,workers,build", type=lambda s: s.split(","),
                    help="comma-separated parts to run: startup (a), workers (b), build (c) (default all)")
     p.add_argument("--as-rank", help=argparse.SUPPRESS)  # internal: a torchrun rank building this split
+    p.add_argument("--start-methods", default="fork,forkserver,spawn", type=lambda s: s.split(","),
+                   help="the workers part under each of these start methods (default fork,forkserver,spawn)")
     p.add_argument("--as-loader", help=argparse.SUPPRESS)  # internal: the loader child process on this split
+    p.add_argument("--start-method", help=argparse.SUPPRESS)  # internal: the loader child's start method
+    p.add_argument("--as-build", choices=["coco", "cold", "warm"], help=argparse.SUPPRESS)  # internal: one build
+    p.add_argument("--split", help=argparse.SUPPRESS)  # internal: the build child's split
     p.add_argument("--marks", help=argparse.SUPPRESS)
