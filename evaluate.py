@@ -148,16 +148,15 @@ def coco_array(dets, image_ids, label_to_cat_id):
 
 
 def dump_results(results, f, chunk=100_000):
-    """Writes result records, or coco_array's rows as the same records, as a json list to the text file f: rows
-    a chunk at a time, so 8M detections never exist as dicts (json.dump's float repr, so the numbers read back
-    exactly)."""
+    """Writes result records, or coco_array's rows as the same records, to the text file f: json.dump's very text
+    of coco_records' list, built a chunk of rows at a time, so 8M detections never exist as dicts at once."""
     if not isinstance(results, np.ndarray):
         return json.dump(results, f)
     f.write("[")
     for start in range(0, len(results), chunk):
-        f.write(", ".join('{"image_id": %d, "category_id": %d, "bbox": [%r, %r, %r, %r], "score": %r}'
-                          % (i, c, x, y, w, h, s) for i, x, y, w, h, s, c in results[start:start + chunk].tolist())
-                + (", " if start + chunk < len(results) else ""))
+        rows = results[start:start + chunk].tolist()
+        f.write(", " * (start > 0) + json.dumps([{"image_id": int(i), "category_id": int(c), "bbox": [x, y, w, h],
+                                                 "score": s} for i, x, y, w, h, s, c in rows])[1:-1])
     f.write("]")
 
 
