@@ -223,11 +223,14 @@ def coco_eval(ann_file, results, evaluator=None):
     all and 100 detections, over IoU .50:.95, at .5 and at .75 (detectron2's per-category AP, -1 instead of its NaN
     for a category without ground truth); gt_boxes counts its non-crowd boxes. pr: {"iou": (T,), "recall": (R,),
     "precision": (T, R, K) those precisions, -1 for a category without ground truth}."""
-    _, COCO, COCOeval = evaluator or coco_evaluator()
+    name, COCO, COCOeval = evaluator or coco_evaluator()
     gt = COCO(ann_file)
     cat_ids = sorted(gt.getCatIds())
-    counts = collections.Counter(a["category_id"] for a in gt.loadAnns(gt.getAnnIds()) if not a.get("iscrowd", 0))
-    gt_boxes = [counts[c] for c in cat_ids]
+    if name == "hotcoco":  # its own counts: loadAnns makes a dict per box (0.9 s for 70,000 boxes)
+        counts = {c["id"]: c["ann_count"] - c["crowd_count"] for c in gt.stats()["per_category"]}
+    else:
+        counts = collections.Counter(a["category_id"] for a in gt.anns.values() if not a.get("iscrowd", 0))
+    gt_boxes = [counts.get(c, 0) for c in cat_ids]
     if len(results):
         e = COCOeval(gt, gt.loadRes(results), "bbox")
         e.evaluate()

@@ -209,7 +209,7 @@ def test_pack_unpack_round_trip():
 
 @pytest.mark.parametrize("size", ["small", "medium"])
 def test_every_evaluator_on_the_array_gives_pycocotools_numbers_on_the_records(tmp_path, size):
-    images, classes, per_image = {"small": (12, 4, 3), "medium": (400, 25, 14)}[size]
+    images, classes, per_image = {"small": (12, 4, 3), "medium": (250, 25, 10)}[size]
     ann, dets, ids, label_to_cat_id = generated_set(tmp_path, images, classes, per_image)
     records = [{"image_id": ids[i], **r} for i in sorted(dets) for r in evaluate.coco_records(dets[i], label_to_cat_id)]
     arr = evaluate.coco_array(dets, ids, label_to_cat_id)
