@@ -15,7 +15,8 @@
 The shared flags: --device, --repeats and --hw (image size h,w), each given only to the subcommands that use it,
 and passed on by `gpu` to every step that takes it. The accelerator suite lives in bench_accel.py, eval in
 bench_eval.py, startup in bench_memory.py, what they share in bench_common.py. To add a subcommand: write
-`bench_<name>(args)` and register it in `subcommands()` with the shared flags it takes and a function adding its own options.
+`bench_<name>(args)` and register it in `subcommands()` with the shared flags it takes and a function adding its
+own options.
 """
 import bench_common as common  # first: it sets OMP_WAIT_POLICY before torch loads and finds the product
 import argparse  # noqa: E402
