@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -193,14 +194,25 @@ def bench_eval(args):
         return child(args)
     if args.gather_rank:
         return gather_rank(args)
+    folder = args.problem or tempfile.mkdtemp(prefix="bench_eval_")
+    try:
+        if args.problem and os.path.exists(os.path.join(folder, "dets.npz")):
+            print(f"the problem generated before in {folder} (--images and the like as then)")
+        else:
+            os.makedirs(folder, exist_ok=True)
+            t0 = time.perf_counter()
+            n_gt, n_det = make_problem(folder, args.images, args.classes, args.boxes, args.dets)
+            print(f"{args.images:,} images, {n_gt:,} boxes of {args.classes} classes, {n_det:,} detections "
+                  f"(generated in {time.perf_counter() - t0:.0f} s)")
+        print(f"load {os.getloadavg()[0]:.1f}, {os.cpu_count()} cores")
+        bench_gather(args, folder) if args.gather else bench_runs(args, folder)
+    finally:
+        if not args.problem:
+            shutil.rmtree(folder)
+
+
+def bench_runs(args, folder):
     import evaluate
-    folder = tempfile.mkdtemp(prefix="bench_eval_")
-    t0 = time.perf_counter()
-    n_gt, n_det = make_problem(folder, args.images, args.classes, args.boxes, args.dets)
-    print(f"{args.images:,} images, {n_gt:,} boxes of {args.classes} classes, {n_det:,} detections (generated in "
-          f"{time.perf_counter() - t0:.0f} s); load {os.getloadavg()[0]:.1f}, {os.cpu_count()} cores")
-    if args.gather:
-        return bench_gather(args, folder)
     runs = args.runs or ([f"{evaluate.coco_evaluator()[0]}:array", "pycocotools:records"])
     results = {r: [] for r in runs}
     for _ in range(args.repeats):  # the runs in turn, so load from other processes hits each alike
@@ -251,7 +263,9 @@ def options(p):
     p.add_argument("--timeout", type=float, help="seconds after which a run is stopped (default none)")
     p.add_argument("--gather", type=int, default=0, help="instead: the gather of the detections from this many "
                    "gloo ranks to rank 0")
-    for flag in ("--child", "--problem", "--gather-form"):
+    p.add_argument("--problem", help="a folder to generate the problem into and keep, or to reuse from a "
+                   "previous run (default: a temporary one, removed)")
+    for flag in ("--child", "--gather-form"):
         p.add_argument(flag, help=argparse.SUPPRESS)
     p.add_argument("--gather-rank", action="store_true", help=argparse.SUPPRESS)
 
