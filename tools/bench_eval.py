@@ -77,7 +77,7 @@ def make_problem(folder, images, classes, boxes, dets, seed=0):
 
 def load_dets(folder):
     """predict's {index: {"boxes", "scores", "labels"}} of dets.npz."""
-    d = np.load(os.path.join(folder, "dets.npz"))
+    d = dict(np.load(os.path.join(folder, "dets.npz")))  # read once: an NpzFile reads the array at every d[k]
     split = np.flatnonzero(np.diff(d["image"])) + 1
     cols = {k: np.split(d[k], split) for k in ("boxes", "scores", "labels")}
     return {int(d["image"][s]): {k: torch.from_numpy(v[n]) for k, v in cols.items()}
