@@ -128,8 +128,9 @@ def test_eval_runs_each_evaluator_in_its_process_and_gathers_from_ranks(tmp_path
     assert set(rows) == {"hotcoco:array", "pycocotools:records"}
     assert rows["hotcoco:array"][-1] == rows["pycocotools:records"][-1] == "identical", out.stdout
     assert "40 images" in out.stdout and "4,000 detections" in out.stdout
-    out = subprocess.run([sys.executable, BENCH, "eval", *small, "--gather", "2"], cwd=tmp_path,
+    out = subprocess.run([sys.executable, BENCH, "eval", "--images", "6000", "--classes", "5", "--repeats", "1",
+                          "--gather", "2"], cwd=tmp_path,  # each rank over the store's 8 MiB per value
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("dict:", "packed:"))]
-    assert [r[0] for r in rows] == ["dict:", "packed:"] and all(r[2] == "4,000" for r in rows), out.stdout
+    assert [r[0] for r in rows] == ["dict:", "packed:"] and all(r[2] == "600,000" for r in rows), out.stdout
