@@ -124,7 +124,8 @@ def test_eval_runs_each_evaluator_in_its_process_and_gathers_from_ranks(tmp_path
     out = subprocess.run([sys.executable, BENCH, "eval", *small, "--runs", "hotcoco:array,pycocotools:records"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines() if ":" in line.split()[0]}
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()
+            if line.startswith(("hotcoco:", "pycocotools:"))}  # progress lines first, then the table's
     assert set(rows) == {"hotcoco:array", "pycocotools:records"}
     assert rows["hotcoco:array"][-1] == rows["pycocotools:records"][-1] == "identical", out.stdout
     assert "40 images" in out.stdout and "4,000 detections" in out.stdout
