@@ -1,5 +1,6 @@
 """Tests of evaluate.py: detections go through predict's rescaling and coco_records' +1 to the json's boxes
-(perfect detections score AP 1.0), the fast evaluators give pycocotools' twelve numbers, folder inference runs
+(perfect detections score AP 1.0), the fast evaluators give pycocotools' twelve numbers (also from coco_array's
+array, which holds coco_records' numbers exactly; pack/unpack, what ranks gather), folder inference runs
 as a user would, and checkpoints that do not fit are refused in one paragraph."""
 import contextlib
 import io
