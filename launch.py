@@ -96,21 +96,33 @@ def all_reduce(tensor, op=dist.ReduceOp.SUM):
     return tensor
 
 
+STORE_VALUE = 4 << 20  # bytes per store value: the libuv TCPStore (torch 2.4+) refuses one over 8 MiB
+
+
 def gather_objects(obj, dst=0):
-    """[obj of rank 0, obj of rank 1, ...] on rank dst (None on the others), pickled through torchrun's store
-    (rank dst waits for each rank's object): any picklable object; tensors should be on the CPU. [obj] when no
-    process group was made (one process)."""
+    """[obj of rank 0, obj of rank 1, ...] on rank dst (None on the others), pickled through torchrun's store in
+    pieces of STORE_VALUE bytes (rank dst waits for each rank's piece count, set last): any picklable object;
+    tensors should be on the CPU. [obj] when no process group was made (one process)."""
     if not dist.is_initialized():
         return [obj]
     rank, world_size = dist.get_rank(), dist.get_world_size()
     key = f"gather{next(_exchange)}/"
     if rank != dst:
-        _store.set(key + str(rank), pickle.dumps(obj))
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        pieces = range(0, len(data), STORE_VALUE)
+        for n, start in enumerate(pieces):
+            _store.set(f"{key}{rank}/{n}", data[start:start + STORE_VALUE])
+        _store.set(f"{key}{rank}", str(len(pieces)))
         return None
-    parts = [obj if r == dst else pickle.loads(_store.get(key + str(r))) for r in range(world_size)]
+    parts = []
     for r in range(world_size):
-        if r != dst:
-            _store.delete_key(key + str(r))
+        if r == dst:
+            parts.append(obj)
+            continue
+        names = [f"{key}{r}/{n}" for n in range(int(_store.get(f"{key}{r}")))]
+        parts.append(pickle.loads(b"".join(_store.get(k) for k in names)))
+        for k in names + [f"{key}{r}"]:
+            _store.delete_key(k)
     return parts
 
 

@@ -1,5 +1,6 @@
 """Tests of evaluate.py: detections go through predict's rescaling and coco_records' +1 to the json's boxes
-(perfect detections score AP 1.0), the fast evaluators give pycocotools' twelve numbers, folder inference runs
+(perfect detections score AP 1.0), the fast evaluators give pycocotools' twelve numbers (also from coco_array's
+array, which holds coco_records' numbers exactly; pack/unpack, what ranks gather), folder inference runs
 as a user would, and checkpoints that do not fit are refused in one paragraph."""
 import contextlib
 import io
@@ -147,6 +148,82 @@ def test_coco_records_rescale_per_axis_with_plus_one(tmp_path):
     rec = evaluate.coco_records(out[0], {2: 13})[0]
     assert rec["bbox"] == pytest.approx([40.0, 40.0, 436 - 40 + 1, 118 - 40 + 1]) and rec["category_id"] == 13
 
+
+
+def generated_set(tmp_path, images, classes, per_image, seed=0):
+    """(ann_file, {index: det} in the model's form, image ids, label_to_cat_id) of a generated val set: 1 to 2 x
+    per_image - 1 boxes of `classes` classes with ids 3, 6, 9, ... (gaps) and image ids 10, 20, ..., some crowd; per
+    box 2 noisy copies and 2 random boxes, scores rounded (ties), and one image without detections."""
+    rng = np.random.default_rng(seed)
+    cat_ids, ids = [3 * (c + 1) for c in range(classes)], [10 * (i + 1) for i in range(images)]
+    anns, dets = [], {}
+    for i in range(images):
+        n = int(rng.integers(1, 2 * per_image))
+        wh = rng.uniform(4, 200, (n, 2))
+        xy = rng.uniform(0, 1, (n, 2)) * (np.array([320, 240]) - wh)
+        labels = rng.integers(1, classes + 1, n)
+        for (x, y), (w, h), label in zip(xy.tolist(), wh.tolist(), labels.tolist()):
+            anns.append({"id": len(anns) + 1, "image_id": ids[i], "category_id": cat_ids[label - 1],
+                         "bbox": [x, y, w, h], "area": w * h, "iscrowd": int(rng.random() < 0.02)})
+        near = np.repeat(np.concatenate([xy, xy + wh], 1), 2, 0) + rng.normal(0, 6, (2 * n, 4))
+        far = rng.uniform(0, 160, (2 * n, 2))
+        boxes = np.concatenate([near, np.concatenate([far, far + rng.uniform(4, 150, (2 * n, 2))], 1)])
+        dets[i] = {"boxes": torch.tensor(boxes, dtype=torch.float32),
+                   "scores": torch.tensor(rng.integers(0, 50, 4 * n) / 50, dtype=torch.float32),
+                   "labels": torch.tensor(np.concatenate([np.repeat(labels, 2), rng.integers(1, classes + 1, 2 * n)]))}
+    dets[images - 1] = {k: v[:0] for k, v in dets[images - 1].items()}
+    path = str(tmp_path / f"generated_{images}.json")
+    with open(path, "w") as f:
+        json.dump({"images": [{"id": i, "file_name": f"{i}.jpg", "width": 320, "height": 240} for i in ids],
+                   "annotations": anns, "categories": [{"id": c, "name": f"c{c}"} for c in cat_ids]}, f)
+    return path, dets, ids, {label: c for label, c in enumerate(cat_ids, 1)}
+
+
+def test_coco_array_holds_coco_records_numbers_and_writes_the_same_json(tmp_path):
+    _, dets, ids, label_to_cat_id = generated_set(tmp_path, 30, 7, 4)
+    records = [{"image_id": ids[i], **r} for i in sorted(dets) for r in evaluate.coco_records(dets[i], label_to_cat_id)]
+    arr = evaluate.coco_array(dict(reversed(dets.items())), ids, label_to_cat_id)  # index order, not dict order
+    assert arr.shape == (len(records), 7) and arr.dtype == np.float64
+    assert arr.tolist() == [[r["image_id"], *r["bbox"], r["score"], r["category_id"]] for r in records]  # exactly
+    a, b = io.StringIO(), io.StringIO()
+    evaluate.dump_results(arr, a, chunk=37)  # chunks that do not divide the rows
+    json.dump(records, b)
+    assert a.getvalue() == b.getvalue()
+    empty = io.StringIO()
+    evaluate.dump_results(evaluate.coco_array({}, ids, label_to_cat_id), empty)
+    assert json.loads(empty.getvalue()) == [] and evaluate.coco_array({}, ids, label_to_cat_id).shape == (0, 7)
+
+
+def test_pack_unpack_round_trip():
+    rng = np.random.default_rng(1)
+    dets = {i: {"boxes": torch.tensor(rng.uniform(0, 99, (n, 4)), dtype=torch.float32),
+                "scores": torch.rand(n), "labels": torch.randint(1, 5, (n,))} for i, n in [(7, 3), (2, 0), (4, 5)]}
+    packed = evaluate.pack(dets)
+    assert all(isinstance(v, np.ndarray) for v in packed.values()) and packed["index"].tolist() == [2, 4, 7]
+    back = evaluate.unpack(packed)
+    assert sorted(back) == [2, 4, 7]
+    for i, d in dets.items():
+        assert all(torch.equal(back[i][k], v) and back[i][k].dtype == v.dtype for k, v in d.items()), i
+    assert back[2]["boxes"].shape == (0, 4)
+    assert evaluate.unpack(evaluate.pack({})) == {}
+
+
+@pytest.mark.parametrize("size", ["small", "medium"])
+def test_every_evaluator_on_the_array_gives_pycocotools_numbers_on_the_records(tmp_path, size):
+    images, classes, per_image = {"small": (12, 4, 3), "medium": (250, 25, 10)}[size]
+    ann, dets, ids, label_to_cat_id = generated_set(tmp_path, images, classes, per_image)
+    records = [{"image_id": ids[i], **r} for i in sorted(dets) for r in evaluate.coco_records(dets[i], label_to_cat_id)]
+    arr = evaluate.coco_array(dets, ids, label_to_cat_id)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ref, ref_classes, ref_pr = evaluate.coco_eval(ann, records, pycocotools())
+        for evaluator in evaluators():
+            got, got_classes, got_pr = evaluate.coco_eval(ann, arr, evaluator)
+            assert list(got) == list(ref)  # 1e-12: numpy builds average to another last bit (see above)
+            assert np.allclose(list(got.values()), list(ref.values()), rtol=0, atol=1e-12), (evaluator[0], got, ref)
+            assert np.allclose(got_pr["precision"], ref_pr["precision"], rtol=0, atol=1e-12), evaluator[0]
+            assert [c["gt_boxes"] for c in got_classes] == [c["gt_boxes"] for c in ref_classes]
+    assert 0.05 < ref["AP"] < 0.95 and len(ref_classes) == classes
+    assert stats(ann, arr, pycocotools()) == ref  # pycocotools itself: the array and the records, bit for bit
 
 @pytest.mark.slow
 def test_folder_inference_command(tmp_path, coco_like):

@@ -6,6 +6,7 @@
     python tools/bench.py data                  # training data pipeline on coco_tiny: img/s per worker, ours/tv
     python tools/bench.py eval --repeats 3      # pycocotools against the evaluator in use, on 5000 synthetic images
     python tools/bench.py export --repeats 3    # our ONNX file in ONNX Runtime against eager and torchvision's export
+    python tools/bench.py eval --images 80000 --classes 365   # at Objects365 v2 val's size (bench_eval.py)
     python tools/bench.py gpu --device cuda --data datasets/coco_tiny --out gpu_check   # every accelerator figure
     python tools/bench.py gpu --device cpu --dry-run --hw 96,128 --out /tmp/gpu_dry   # the same code, tiny sizes
     python tools/bench.py grid --device cuda --models R-101-FPN --precisions bf16     # one part of it (also: syncs,
@@ -14,9 +15,10 @@
     python tools/bench.py startup --images 580000 --boxes 9700000 --only build,workers   # Objects365 v1's size
 
 The shared flags: --device, --repeats and --hw (image size h,w), each given only to the subcommands that use it,
-and passed on by `gpu` to every step that takes it. The accelerator suite lives in bench_accel.py, startup in
-bench_memory.py, what they share with this file in bench_common.py. To add a subcommand: write `bench_<name>(args)`
-and register it in `subcommands()` with the shared flags it takes and a function adding its own options.
+and passed on by `gpu` to every step that takes it. The accelerator suite lives in bench_accel.py, eval in
+bench_eval.py, startup in bench_memory.py, what they share in bench_common.py. To add a subcommand: write
+`bench_<name>(args)` and register it in `subcommands()` with the shared flags it takes and a function adding its
+own options.
 """
 import bench_common as common  # first: it sets OMP_WAIT_POLICY before torch loads and finds the product
 import argparse  # noqa: E402
@@ -26,6 +28,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 import bench_accel  # noqa: E402
+import bench_eval  # noqa: E402
 import bench_memory  # noqa: E402
 from bench_common import IMAGE_HW, build_net, make_step, median_times, print_table  # noqa: E402
 
@@ -253,50 +256,6 @@ def _data_options(p):
     p.add_argument("--workers", type=int, default=2, help="loader worker processes (default 2)")
 
 
-def bench_eval(args):
-    """pycocotools against the evaluator evaluate.py picks, on a synthetic COCO-sized problem: args.images
-    images with 1-15 boxes of 80 classes, 100 noisy or random detections per image; the twelve numbers must agree."""
-    import contextlib, io, json, os, random, tempfile  # noqa: E401
-    import evaluate
-    rng = random.Random(0)
-    images, anns, dets = [], [], []
-    for i in range(1, args.images + 1):
-        images.append({"id": i, "file_name": f"{i}.jpg", "width": 640, "height": 480})
-        for _ in range(rng.randint(1, 15)):
-            w, h = rng.uniform(4, 300), rng.uniform(4, 300)
-            x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": rng.randint(1, 80), "bbox": [x, y, w, h],
-                         "area": w * h, "iscrowd": int(rng.random() < 0.01)})
-    for a in anns:
-        for _ in range(3):
-            x, y, w, h = a["bbox"]
-            dets.append({"image_id": a["image_id"], "category_id": a["category_id"], "score": rng.random(),
-                         "bbox": [x + rng.gauss(0, w / 8), y + rng.gauss(0, h / 8),
-                                   w * rng.uniform(.8, 1.2), h * rng.uniform(.8, 1.2)]})
-    while len(dets) < 100 * args.images:
-        dets.append({"image_id": rng.randint(1, args.images), "category_id": rng.randint(1, 80), "score": rng.random(),
-                     "bbox": [rng.uniform(0, 600), rng.uniform(0, 440), rng.uniform(4, 200), rng.uniform(4, 200)]})
-    ann_file = os.path.join(tempfile.mkdtemp(), "instances.json")
-    with open(ann_file, "w") as f:
-        categories = [{"id": c, "name": str(c)} for c in range(1, 81)]
-        json.dump({"images": images, "annotations": anns, "categories": categories}, f)
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-    chosen = evaluate.coco_evaluator()
-    results = {}
-
-    def run(ev):
-        with contextlib.redirect_stdout(io.StringIO()):
-            results[ev[0]] = evaluate.coco_stats(ann_file, dets, ev)
-    ref = ("pycocotools", COCO, COCOeval)
-    t_ref, t_ours = median_times([lambda: run(ref), lambda: run(chosen)], torch.device("cpu"), args.repeats, warmup=0)
-    same = results["pycocotools"] == results[chosen[0]]
-    print(f"{args.images} images, {len(anns)} boxes, {len(dets)} detections; AP {results['pycocotools']['AP']:.4f}")
-    print_table(["evaluator", "seconds", "ratio to pycocotools", "12 numbers"], [
-        ["pycocotools", f"{t_ref:.2f}", "1.00", "reference"],
-        [chosen[0], f"{t_ours:.2f}", f"{t_ours / t_ref:.3f}", "identical" if same else "DIFFERENT"]])
-
-
 def bench_export(args):
     """Our R-50-FPN exported by export.py and run by ONNX Runtime against our eager PyTorch, and torchvision's
     fasterrcnn_resnet50_fpn exported as its test_onnx.py does (opset 11, its resize inside the graph) against its
@@ -364,8 +323,8 @@ def subcommands():
         "ops": (bench_ops, "NMS and ROIAlign: ours against torchvision's", every, _ops_options),
         "data": (bench_data, "training data pipeline: images per second per worker on coco_tiny", ("repeats", "hw"),
                  _data_options),
-        "eval": (bench_eval, "COCO evaluation: pycocotools against the evaluator in use, same numbers", ("repeats",),
-                 lambda p: p.add_argument("--images", type=int, default=5000, help="synthetic images (default 5000)")),
+        "eval": (bench_eval.bench_eval, "COCO evaluation at any size: the evaluators, each in its own process, "
+                 "same numbers; or the gather of the detections", ("repeats",), bench_eval.options),
         "export": (bench_export, "ONNX export: our file and torchvision's in ONNX Runtime against eager, on the CPU",
                    ("repeats", "hw"), lambda p: p.add_argument("--opset", type=int, default=17,
                                                                help="our file's opset (default 17, export.py's)")),

@@ -116,3 +116,22 @@ def test_gpu_dry_run_runs_every_step_at_the_size_of_hw(demo_root, tmp_path):
     for run in fidelity.values():
         assert (run["min_size_test"], run["max_size_test"]) == (96, 128)
         assert run["share"] == 1.0 and run["cpu_detections"] > 0  # the CPU against itself: every detection matched
+
+
+@pytest.mark.slow
+def test_eval_runs_each_evaluator_in_its_process_and_gathers_from_ranks(tmp_path):
+    small = ["--images", "40", "--classes", "5", "--repeats", "1"]
+    out = subprocess.run([sys.executable, BENCH, "eval", *small, "--runs", "hotcoco:array,pycocotools:records"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()
+            if line.startswith(("hotcoco:", "pycocotools:"))}  # progress lines first, then the table's
+    assert set(rows) == {"hotcoco:array", "pycocotools:records"}
+    assert rows["hotcoco:array"][-1] == rows["pycocotools:records"][-1] == "identical", out.stdout
+    assert "40 images" in out.stdout and "4,000 detections" in out.stdout
+    out = subprocess.run([sys.executable, BENCH, "eval", "--images", "6000", "--classes", "5", "--repeats", "1",
+                          "--gather", "2"], cwd=tmp_path,  # each rank over the store's 8 MiB per value
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("dict:", "packed:"))]
+    assert [r[0] for r in rows] == ["dict:", "packed:"] and all(r[2] == "600,000" for r in rows), out.stdout
