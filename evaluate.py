@@ -173,11 +173,13 @@ def predict(net, loader, device, rank=0, amp=""):
 
 def pack(dets):
     """{index: det} as a few flat numpy arrays ("index" (n,), "count" (n,), and each det key concatenated), what a
-    rank sends to rank 0: 8M detections of 80,000 images pickle as ~230 MiB of raw bytes, not 240,000 tensors."""
-    order = sorted(dets)
+    rank sends to rank 0: 8M detections of 80,000 images pickle as ~230 MiB of raw bytes, not 240,000 tensors.
+    The files that could not be read (ImageFiles' {"unreadable": why}) travel beside them as {index: why}."""
+    order = sorted(i for i, d in dets.items() if "unreadable" not in d)
     keys = sorted(dets[order[0]]) if order else []
     out = {"index": np.array(order, dtype=np.int64), "count": np.array([len(dets[i]["scores"]) for i in order],
-                                                                       dtype=np.int64)}
+                                                                       dtype=np.int64),
+           "unreadable": {i: d["unreadable"] for i, d in dets.items() if "unreadable" in d}}
     for k in keys:
         out[k] = torch.cat([dets[i][k] for i in order]).numpy()
     return out
@@ -186,8 +188,10 @@ def pack(dets):
 def unpack(packed):
     """pack's {index: det} again, each det's tensors views of the packed arrays."""
     split = np.cumsum(packed["count"])[:-1]
-    cols = {k: np.split(v, split) for k, v in packed.items() if k not in ("index", "count")}
-    return {int(i): {k: torch.from_numpy(v[n]) for k, v in cols.items()} for n, i in enumerate(packed["index"])}
+    cols = {k: np.split(v, split) for k, v in packed.items() if k not in ("index", "count", "unreadable")}
+    dets = {int(i): {k: torch.from_numpy(v[n]) for k, v in cols.items()} for n, i in enumerate(packed["index"])}
+    dets.update((i, {"unreadable": why}) for i, why in packed["unreadable"].items())
+    return dets
 
 
 def coco_records(det, label_to_cat_id):

@@ -198,10 +198,11 @@ def test_pack_unpack_round_trip():
     rng = np.random.default_rng(1)
     dets = {i: {"boxes": torch.tensor(rng.uniform(0, 99, (n, 4)), dtype=torch.float32),
                 "scores": torch.rand(n), "labels": torch.randint(1, 5, (n,))} for i, n in [(7, 3), (2, 0), (4, 5)]}
-    packed = evaluate.pack(dets)
-    assert all(isinstance(v, np.ndarray) for v in packed.values()) and packed["index"].tolist() == [2, 4, 7]
+    packed = evaluate.pack({**dets, 9: {"unreadable": "the file is empty (0 bytes)"}})
+    assert all(isinstance(v, np.ndarray) for k, v in packed.items() if k != "unreadable")
+    assert packed["index"].tolist() == [2, 4, 7] and packed["unreadable"] == {9: "the file is empty (0 bytes)"}
     back = evaluate.unpack(packed)
-    assert sorted(back) == [2, 4, 7]
+    assert sorted(back) == [2, 4, 7, 9] and back[9] == {"unreadable": "the file is empty (0 bytes)"}
     for i, d in dets.items():
         assert all(torch.equal(back[i][k], v) and back[i][k].dtype == v.dtype for k, v in d.items()), i
     assert back[2]["boxes"].shape == (0, 4)
