@@ -20,6 +20,7 @@ decreasing score; ROIAlign takes NHWC features and RoIs with x1, y1 >= 0, x2 > x
 A contract violation raises here (on hardware its result is undefined), so tests see every call that breaks it.
 What this proves and what only hardware can: README, "Cambricon MLU".
 """
+import atexit
 import hashlib
 import os
 import subprocess
@@ -361,6 +362,20 @@ def _register_indexing():
     _libs.append(lib)
 
 
+# ---------------------------------------------------------------------------------------------------- exit
+def _drain_autograd_thread():
+    """At exit, while the interpreter is still whole (atexit runs before Py_FinalizeEx marks it finalizing), pass
+    one tiny backward through torch's autograd thread for "mlu" (pt_autograd_0). That thread runs its tasks one at
+    a time and, after signalling a backward done, still drops its last references (the GraphTask, tensors that
+    went through the Python kernels above); a dropped reference to a tensor with a Python wrapper takes the GIL
+    (torch's PyObject preservation, c10/util/intrusive_ptr.h). If that happens once finalizing has begun,
+    take_gil ends the thread with pthread_exit inside a noexcept destructor: "terminate called without an active
+    exception" after the right output (torch/csrc/autograd/engine.cpp, thread_main). The tiny task is taken only
+    once the earlier ones are wholly done, so when it returns the thread holds nothing of the script's."""
+    x = torch.zeros((), device="mlu", requires_grad=True)
+    (x * 2).backward(torch.ones((), device="mlu"))
+
+
 # -------------------------------------------------------------------------------------------------- install
 def install():
     """What `import torch_mlu` does; idempotent. For tests, the environment narrows what the fake offers:
@@ -379,6 +394,7 @@ def install():
     _register_indexing()
     if os.environ.get("FAKE_MLU_TORCHVISION_KERNELS", "1") != "0":
         _register_torchvision_kernels()
+    atexit.register(_drain_autograd_thread)
     utils = types.ModuleType("torch_mlu.utils")
     ext = types.ModuleType("torch_mlu.utils.cpp_extension")
     from torch.utils import cpp_extension as torch_ext
