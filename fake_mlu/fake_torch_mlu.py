@@ -365,16 +365,18 @@ def _register_indexing():
 # ---------------------------------------------------------------------------------------------------- exit
 def _drain_autograd_thread():
     """At exit, while the interpreter is still whole (atexit runs before Py_FinalizeEx marks it finalizing), pass
-    one tiny backward through torch's autograd thread for "mlu" (pt_autograd_0). That thread runs its tasks one at
-    a time and, after signalling a backward done, still drops its last references (the GraphTask, tensors that
-    went through the Python kernels above); a dropped reference to a tensor with a Python wrapper takes the GIL
-    (torch's PyObject preservation, c10/util/intrusive_ptr.h). If that happens once finalizing has begun,
-    take_gil ends the thread with pthread_exit inside a noexcept destructor: "terminate called without an active
-    exception" after the right output (torch/csrc/autograd/engine.cpp, thread_main). The tiny task is taken only
-    once the earlier ones are wholly done, so when it returns the thread holds nothing of the script's."""
+    one tiny backward through torch's autograd thread for "mlu" (pt_autograd_0). Torch's backward() (2.x) stashes a
+    Python object (the contextvars context) in the thread-local state every GraphTask copies
+    (torch/autograd/graph.py, _engine_run_backward), and that thread, having signalled a backward done, may still
+    drop the GraphTask's last reference after backward() returned: the drop takes the GIL
+    (torch/csrc/PyInterpreter.cpp, decref). Once finalizing has begun, take_gil ends the thread with
+    pthread_exit inside that noexcept destructor: "terminate called without an active exception" after the right
+    output. The thread takes one task at a time, so when the tiny backward returns, every earlier GraphTask is
+    gone; it is run through the C++ engine directly, so its own GraphTask holds no Python object."""
     if _stats()[2] > 0:  # FAKE_MLU_DEVICES=0: no card, so no such thread either
         x = torch.zeros((), device="mlu", requires_grad=True)
-        (x * 2).backward(torch.ones((), device="mlu"))
+        y, grad = x * 2, torch.ones((), device="mlu")
+        torch.autograd.Variable._execution_engine.run_backward((y,), (grad,), False, False, (), True, True)
 
 
 # -------------------------------------------------------------------------------------------------- install
