@@ -20,6 +20,7 @@ decreasing score; ROIAlign takes NHWC features and RoIs with x1, y1 >= 0, x2 > x
 A contract violation raises here (on hardware its result is undefined), so tests see every call that breaks it.
 What this proves and what only hardware can: README, "Cambricon MLU".
 """
+import atexit
 import hashlib
 import os
 import subprocess
@@ -361,6 +362,23 @@ def _register_indexing():
     _libs.append(lib)
 
 
+# ---------------------------------------------------------------------------------------------------- exit
+def _drain_autograd_thread():
+    """At exit, while the interpreter is still whole (atexit runs before Py_FinalizeEx marks it finalizing), pass
+    one tiny backward through torch's autograd thread for "mlu" (pt_autograd_0). Torch's backward() (2.x) stashes a
+    Python object (the contextvars context) in the thread-local state every GraphTask copies
+    (torch/autograd/graph.py, _engine_run_backward), and that thread, having signalled a backward done, may still
+    drop the GraphTask's last reference after backward() returned: the drop takes the GIL
+    (torch/csrc/PyInterpreter.cpp, decref). Once finalizing has begun, take_gil ends the thread with
+    pthread_exit inside that noexcept destructor: "terminate called without an active exception" after the right
+    output. The thread takes one task at a time, so when the tiny backward returns, every earlier GraphTask is
+    gone; it is run through the C++ engine directly, so its own GraphTask holds no Python object."""
+    if _stats()[2] > 0:  # FAKE_MLU_DEVICES=0: no card, so no such thread either
+        x = torch.zeros((), device="mlu", requires_grad=True)
+        y, grad = x * 2, torch.ones((), device="mlu")
+        torch.autograd.Variable._execution_engine.run_backward((y,), (grad,), False, False, (), True, True)
+
+
 # -------------------------------------------------------------------------------------------------- install
 def install():
     """What `import torch_mlu` does; idempotent. For tests, the environment narrows what the fake offers:
@@ -379,6 +397,7 @@ def install():
     _register_indexing()
     if os.environ.get("FAKE_MLU_TORCHVISION_KERNELS", "1") != "0":
         _register_torchvision_kernels()
+    atexit.register(_drain_autograd_thread)
     utils = types.ModuleType("torch_mlu.utils")
     ext = types.ModuleType("torch_mlu.utils.cpp_extension")
     from torch.utils import cpp_extension as torch_ext
