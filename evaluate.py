@@ -181,7 +181,8 @@ def pack(dets):
                                                                        dtype=np.int64),
            "unreadable": {i: d["unreadable"] for i, d in dets.items() if "unreadable" in d}}
     for k in keys:
-        out[k] = torch.cat([dets[i][k] for i in order]).numpy()
+        v = torch.cat([dets[i][k] for i in order])
+        out[k] = (v.float() if v.dtype == torch.bfloat16 else v).numpy()  # amp=bf16's scores: numpy has no bf16
     return out
 
 

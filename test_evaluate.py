@@ -206,6 +206,8 @@ def test_pack_unpack_round_trip():
     for i, d in dets.items():
         assert all(torch.equal(back[i][k], v) and back[i][k].dtype == v.dtype for k, v in d.items()), i
     assert back[2]["boxes"].shape == (0, 4)
+    bf16 = evaluate.unpack(evaluate.pack({3: {**dets[7], "scores": dets[7]["scores"].bfloat16()}}))[3]["scores"]
+    assert bf16.dtype == torch.float32 and torch.equal(bf16, dets[7]["scores"].bfloat16().float())  # amp=bf16
     assert evaluate.unpack(evaluate.pack({})) == {}
 
 
