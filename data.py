@@ -15,6 +15,7 @@ an uninterrupted one would have seen. The loaders generate the demo's data first
 cfg.demo_data.
 """
 import functools
+import gc
 import math
 import multiprocessing
 import os
@@ -396,6 +397,23 @@ def make_demo_data(cfg):
         demo.make_demo_dataset(cfg.data_root)
 
 
+class Loader(torch.utils.data.DataLoader):
+    """torch's DataLoader whose forked workers leave the pages of the parent's Python objects shared: the objects
+    are frozen (gc.freeze) while the workers start, so in each worker they sit in the permanent generation and its
+    garbage collections never write to them; a full collection in a worker otherwise copies every page holding a
+    tracked object of the parent (about 80 MiB per worker with torch loaded: tools/bench.py startup, fork). The
+    parent unfreezes them at once. Under forkserver and spawn this changes nothing."""
+
+    def __iter__(self):
+        if not self.num_workers:
+            return super().__iter__()
+        gc.freeze()
+        try:
+            return super().__iter__()  # starts the workers (once, with persistent_workers)
+        finally:
+            gc.unfreeze()
+
+
 def make_train_loader(cfg, rank=0, world_size=1, start_iter=0, sampler_state=None):
     """Endless training loader for this rank; loader.state(it) is the sampler position to checkpoint."""
     make_demo_data(cfg)
@@ -411,8 +429,7 @@ def make_train_loader(cfg, rank=0, world_size=1, start_iter=0, sampler_state=Non
                   f"the resumed batches differ from an uninterrupted run's")
         seed, start_iter = sampler_state["seed"], sampler_state["iteration"]
     sampler = TrainBatchSampler(groups, cfg.ims_per_batch, rank, world_size, seed, start_iter)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, persistent_workers=cfg.num_workers > 0,
-                                         **_loader_options(cfg))
+    loader = Loader(dataset, batch_sampler=sampler, persistent_workers=cfg.num_workers > 0, **_loader_options(cfg))
     loader.state = sampler.state
     return loader
 
@@ -434,7 +451,7 @@ def make_test_loader(cfg, split=None, rank=0, world_size=1, dataset=None):
     buffers = {}
     batches = list(group_batches(groups, indices, max(1, cfg.test_ims_per_batch // world_size), buffers))
     batches = sorted(batches + [b for b in buffers.values() if b], key=lambda b: b[0])  # leftovers: smaller
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, **_loader_options(cfg))
+    return Loader(dataset, batch_sampler=batches, **_loader_options(cfg))
 
 
 def _own_process_group(worker_id):
