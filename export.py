@@ -25,10 +25,8 @@ torch 2.1 and the newest torch: torch.export (dynamo=True) stops at the data-dep
 Default opset 17: the newest torch 2.1's tracer writes, which ONNX Runtime and TensorRT 10 both take; opset 11 is
 the oldest allowed (older TensorRT, MagicMind).
 """
-import dataclasses
 import json
 import os
-import sys
 import warnings
 
 import torch
@@ -156,12 +154,14 @@ def main(argv=None):
     with torch.no_grad():
         want = net(image, [tuple(size.tolist())])[0]
     got = evaluate.OnnxDetector(args.output)(image, [tuple(size.tolist())])[0]
-    same = len(got["labels"]) == len(want["labels"]) and torch.equal(got["labels"], want["labels"]) and \
-        torch.allclose(got["boxes"], want["boxes"], rtol=1e-3, atol=1e-2)
+    # the tests' criterion: where near-equal scores order detections differently, >= 99% matched
+    ids = {label: label for label in range(cfg.num_classes)}
+    matched, n_ort, n_torch = evaluate.detection_agreement(evaluate.coco_records(got, ids),
+                                                           evaluate.coco_records(want, ids))
     print(f"export: {args.output}: {os.path.getsize(args.output) / 2 ** 20:.1f} MiB, opset {args.opset}, "
           f"{cfg.num_classes - 1} classes; on a {image.shape[2]}x{image.shape[3]} test input ONNX Runtime gives "
-          f"{len(got['labels'])} detections, PyTorch {len(want['labels'])}"
-          f"{', the same' if same else ' (they differ: see README, Deploy)'}")
+          f"{n_ort} detections, PyTorch {n_torch}, {matched} matched (same label, IoU > 0.99, score within 1e-3)"
+          f"{': the same' if matched >= 0.99 * max(n_ort, n_torch) else ': they differ (see README, Deploy)'}")
     return args.output
 
 

@@ -172,6 +172,38 @@ def demo_checkpoint(tmp_path, seed=0):
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # R-50-FPN's trace and its 167 MB file, twice
+@pytest.mark.parametrize("opset", OPSETS)
+def test_upstream_layout_checkpoint_through_both_commands(tmp_path, capsys, opset):
+    # Upstream's released .pth cannot be downloaded here: random R-50-FPN weights saved in its layout (DDP's
+    # "module." prefix, optimizer/scheduler/iteration beside "model", no config) go through the README's commands,
+    # `export.py --ckpt X.pth --config R-50-FPN` then `evaluate.py --ckpt m.onnx --images DIR --config R-50-FPN`,
+    # against evaluate.py on the .pth itself.
+    from PIL import Image
+    sizes = ["min_size_test=128", "max_size_test=160"]
+    net = random_net(config.get("R-50-FPN", ["device=cpu"] + sizes, verbose=False), cls_std=0.002)
+    pth, onnx_path, images = str(tmp_path / "upstream.pth"), str(tmp_path / "m.onnx"), tmp_path / "photos"
+    torch.save({"model": {f"module.{k}": v for k, v in net.state_dict().items()}, "optimizer": {}, "scheduler": {},
+                "iteration": 90000}, pth)
+    images.mkdir()
+    gen = torch.Generator().manual_seed(3)
+    for name, (h, w) in (("a.jpg", (120, 150)), ("b.png", (200, 90)), ("c.jpg", (128, 160))):
+        pixels = (torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / name, quality=95)
+    assert export.main(["--ckpt", pth, "--config", "R-50-FPN", "--output", onnx_path, "--opset", str(opset),
+                        *sizes]) == onnx_path
+    assert "the same" in capsys.readouterr().out
+    dets = {}
+    for name, ckpt in (("pth", pth), ("onnx", onnx_path)):
+        dets[name] = str(tmp_path / f"{name}.json")
+        evaluate.main(["--ckpt", ckpt, "--images", str(images), "--output", dets[name], "--config", "R-50-FPN",
+                       "device=cpu", *sizes])
+    want, got = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("pth", "onnx"))
+    assert len({d["file_name"] for d in want}) == 3, len(want)
+    matched, na, nb = evaluate.detection_agreement(want, got)
+    assert matched >= 0.99 * max(na, nb), (matched, na, nb)
+
+
 def test_export_then_evaluate_matches_pytorch(tmp_path, demo_root):
     ckpt, onnx_path = demo_checkpoint(tmp_path), str(tmp_path / "out" / "demo.onnx")
     res = run(script("export.py", "--ckpt", ckpt, "--output", onnx_path, "--opset", "11"))

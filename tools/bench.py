@@ -290,6 +290,7 @@ def bench_export(args):
                                             "scores": [0]}, **kwargs)
         took["tv"] = time.perf_counter() - t0
         runner = evaluate.OnnxDetector(paths["ours"], threads=threads)
+        profiled = _profiled_session(paths["ours"], threads)
         opts = onnxruntime.SessionOptions()
         opts.intra_op_num_threads, opts.log_severity_level = threads, 3
         tv_session = onnxruntime.InferenceSession(paths["tv"], opts, providers=["CPUExecutionProvider"])
@@ -312,6 +313,50 @@ def bench_export(args):
         ["torchvision, ONNX Runtime", f"{tv_ort:.3f}", f"{tv_ort / tv_eager:.2f}", f"{mib['tv']:.1f}",
          f"{took['tv']:.1f}"]])
     print(f"ours in ONNX Runtime / torchvision's in ONNX Runtime: {ours_ort / tv_ort:.2f}")
+    _export_floor(ours, x, sizes, profiled, ours_eager)
+
+
+def _profiled_session(path, threads):
+    """An ONNX Runtime session on path that records each node's time."""
+    import os
+    import tempfile
+
+    import onnxruntime
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads, opts.log_severity_level, opts.enable_profiling = threads, 3, True
+    opts.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"bench_export_{os.getpid()}")
+    return onnxruntime.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def _export_floor(net, x, sizes, session, eager_s):
+    """Where ONNX Runtime's time goes (one profiled run, by operator), the model's multiply-adds (torch's flop
+    counter on the eager run), and the time they alone take at ONNX Runtime's own convolution rate: how far below
+    eager an exported float32 file can get on this CPU."""
+    import collections
+    import json
+    import os
+
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        net(x, sizes)
+    flops = {str(k).split(".")[-1]: v for k, v in counter.get_flop_counts()["Global"].items()}
+    session.run(None, {"image": x.numpy(), "image_size": torch.tensor(sizes[0]).numpy()})
+    path = session.end_profiling()
+    with open(path) as f:
+        events = json.load(f)
+    os.remove(path)
+    ms = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            ms[e["args"]["op_name"]] += e["dur"] / 1000
+    conv_rate = flops.get("convolution", 0) / ms["Conv"] / 1e6  # GFLOP/s
+    floor = sum(flops.values()) / conv_rate / 1e9
+    print(f"ONNX Runtime, one profiled run, ms by operator: " +
+          ", ".join(f"{op} {t:.0f}" for op, t in ms.most_common(6)) +
+          f", the rest {sum(ms.values()) - sum(t for _, t in ms.most_common(6)):.0f}; convolutions at "
+          f"{conv_rate:.0f} GFLOP/s")
+    print(f"the model's {sum(flops.values()) / 1e9:.1f} GFLOP ({', '.join(f'{k} {v / 1e9:.1f}' for k, v in flops.items())})"
+          f" alone take {floor:.2f} s at that rate: {floor / eager_s:.2f}x of our eager time")
 
 
 def subcommands():
