@@ -508,23 +508,33 @@ class Pooler(nn.Module):
     def forward(self, feats, boxes):
         rois = ops.boxes_to_rois(boxes)  # (R, 5)
         levels = map_levels(rois[:, 1:], self.k_min, self.k_max)
-        # Each level's rois in index order, from one stable sort and one host read of the counts (one nonzero per
-        # level otherwise). A level outside 0..L-1 (a NaN box size) goes last and keeps zero features.
+        # Each level's rois in index order, from one stable sort and one host read of the counts (a trace reads
+        # none: _traced). A level outside 0..L-1 (a NaN box size) goes last and keeps zero features.
         n = len(feats)
         levels = torch.where((levels >= 0) & (levels < n), levels, n)
-        tracing = torch.jit.is_tracing()
-        if tracing:  # a trace would freeze the counts: one nonzero per level, each in index order too
-            per_level = [torch.nonzero(levels == lvl).squeeze(1) for lvl in range(n)]
-        else:
-            counts = torch.zeros(n + 1, dtype=torch.int64, device=levels.device).scatter_add_(0, levels,
-                                                                                          torch.ones_like(levels))
-            per_level = levels.sort(stable=True).indices.split(counts.tolist())
+        if torch.jit.is_tracing():
+            return self._traced(feats, rois, levels)
+        counts = torch.zeros(n + 1, dtype=torch.int64, device=levels.device).scatter_add_(0, levels,
+                                                                                      torch.ones_like(levels))
+        per_level = levels.sort(stable=True).indices.split(counts.tolist())
         c, r = feats[0].shape[1], self.resolution
         out = feats[0].new_zeros((rois.shape[0], c, r, r))
         for f, scale, idx in zip(feats, self.scales, per_level):
-            if tracing or idx.numel():
+            if idx.numel():
                 out[idx] = ops.roi_align(f.contiguous(), rois[idx], (r, r), scale, self.sampling_ratio, aligned=False)
         return out
+
+    def _traced(self, feats, rois, levels):
+        """forward's result in a trace for ONNX export (export.py): a trace would freeze the counts per level, and
+        `out[idx] = ...` becomes a ScatterND whose update shape the tracer fixes when a level held one RoI. Instead
+        one nonzero per level, the levels' outputs concatenated (zeros for a level outside 0..L-1) and put back in
+        RoI order by the inverse permutation: no count is read, any count (0 included) works."""
+        n, c, r = len(feats), feats[0].shape[1], self.resolution
+        per_level = [torch.nonzero(levels == lvl).squeeze(1) for lvl in range(n + 1)]
+        pooled = [ops.roi_align(f.contiguous(), rois[idx], (r, r), scale, self.sampling_ratio, aligned=False)
+                  for f, scale, idx in zip(feats, self.scales, per_level)]
+        pooled.append(feats[0].new_zeros((per_level[n].shape[0], c, r, r)))
+        return torch.cat(pooled)[torch.cat(per_level).argsort()]
 
 
 class FeatureExtractor(nn.Module):

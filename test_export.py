@@ -140,6 +140,44 @@ def test_roi_align_node_equals_native(tmp_path, opset):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+class PoolerNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pooler = model.Pooler(7, (4, 8, 16, 32), 2)
+
+    def forward(self, p2, p3, p4, p5, boxes):
+        return self.pooler([p2, p3, p4, p5], [boxes])
+
+
+def square_boxes(sides, gen):
+    """Squares of these sides at random places in a 512x512 image: the level of each is fixed by its size (224 px
+    maps to P4, half that to P3, ...: upstream's LevelMapper)."""
+    xy = torch.rand(len(sides), 2, generator=gen) * 40
+    side = torch.tensor(sides, dtype=torch.float32)[:, None].expand(-1, 2)
+    return torch.cat([xy, xy + side - 1], 1)
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+def test_pooler_graph_takes_any_count_per_level(tmp_path, opset):
+    # Traced with exactly one RoI on P3, then run with none and with three there (and none on P5): the graph must
+    # read no count from the traced input (a ScatterND whose update shape the tracer froze at one RoI failed on
+    # real photos: "cannot reshape {0,256,7,7} to {256,7,7}").
+    gen = torch.Generator().manual_seed(0)
+    feats = [torch.randn(1, 8, 512 // s, 512 // s, generator=gen) for s in (4, 8, 16, 32)]
+    traced = square_boxes([40, 50, 112, 224, 448], gen)
+    sess = to_onnx(PoolerNet().eval(), (*feats, traced), str(tmp_path / "p.onnx"), opset,
+                   ["p2", "p3", "p4", "p5", "boxes"])
+    assert "ScatterND" not in {n.op_type for n in onnx.load(str(tmp_path / "p.onnx")).graph.node}
+    net = PoolerNet().eval()
+    for sides in ([40, 224, 50], [112, 40, 120, 224, 100, 448], [60], []):
+        boxes = square_boxes(sides, gen)
+        want = net(*feats, boxes)
+        feed = {name: f.numpy() for name, f in zip(("p2", "p3", "p4", "p5"), feats)}
+        got = torch.from_numpy(sess.run(None, {**feed, "boxes": boxes.numpy()})[0])
+        assert got.shape == want.shape, sides
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("opset", OPSETS)
 def test_nms_node_equals_native(tmp_path, opset):
     gen = torch.Generator().manual_seed(0)
