@@ -135,3 +135,16 @@ def test_eval_runs_each_evaluator_in_its_process_and_gathers_from_ranks(tmp_path
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("dict:", "packed:"))]
     assert [r[0] for r in rows] == ["dict:", "packed:"] and all(r[2] == "600,000" for r in rows), out.stdout
+
+
+@pytest.mark.slow
+def test_export_times_both_files_and_says_where_onnx_runtime_spends(tmp_path):
+    pytest.importorskip("onnxruntime", reason="pip install -r requirements-onnx.txt (.ci/run installs it)")
+    proc = bench("export", "--repeats", 1, "--hw", "128,160", cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "image 128x160" in out and "ours, ONNX Runtime" in out and "torchvision, ONNX Runtime" in out, out
+    profile = next(line for line in out.splitlines() if line.startswith("ONNX Runtime, one profiled run"))
+    assert "Conv " in profile and "RoiAlign" in profile and "GFLOP/s" in profile, profile
+    assert "GFLOP (convolution" in out and "x of our eager time" in out, out
+    assert os.listdir(tmp_path) == []  # the files and the profile are removed
