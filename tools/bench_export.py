@@ -96,9 +96,9 @@ def _export_floor(net, x, sizes, session, eager_s):
     import os
 
     from torch.utils.flop_counter import FlopCounterMode
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:  # torch 2.1 counts nothing in inference_mode
         net(x, sizes)
-    flops = {str(k).split(".")[-1]: v for k, v in counter.get_flop_counts()["Global"].items()}
+    flops = {str(k).split(".")[-1]: v for k, v in counter.get_flop_counts().get("Global", {}).items()}
     session.run(None, {"image": x.numpy(), "image_size": torch.tensor(sizes[0]).numpy()})
     path = session.end_profiling()
     with open(path) as f:
