@@ -165,8 +165,9 @@ def test_mlu_without_kernels_makes_cpu_round_trip(shim):
 
 
 EXIT_WHILE_MLU_THREAD_HOLDS_PYTHON = """
-    import contextvars, threading, time
+    import contextvars, sys, threading, time
     import torch, torch_mlu
+    card = torch.device("mlu", int(sys.argv[1]))  # not the current card (0) when it is 1
     started, go, dying = threading.Event(), threading.Event(), threading.Event()
 
     class SlowToDie:
@@ -177,7 +178,7 @@ EXIT_WHILE_MLU_THREAD_HOLDS_PYTHON = """
             while clock() < end:
                 sleep(0.002)  # each wake-up takes the GIL again, which ends the thread once Python is finalizing
 
-    class OnMlu(torch.autograd.Function):  # its backward runs on torch's mlu autograd thread
+    class OnMlu(torch.autograd.Function):  # its backward runs on torch's autograd thread for the card
         forward = staticmethod(lambda ctx, x: x * 1)
 
         @staticmethod
@@ -198,7 +199,7 @@ EXIT_WHILE_MLU_THREAD_HOLDS_PYTHON = """
     var = contextvars.ContextVar("held")
     var.set(held[0])  # in the context that backward() stashes in the GraphTask's thread-local state (torch 2.14)
     fail = FailOnCpu.apply(torch.ones(2, requires_grad=True)).sum()  # made first, so the engine reaches it last
-    loss = OnMlu.apply(torch.ones(2, device="mlu", requires_grad=True)).sum().cpu() + fail
+    loss = OnMlu.apply(torch.ones(2, device=card, requires_grad=True)).sum().cpu() + fail
     try:
         loss.backward()
     except RuntimeError as e:
@@ -211,17 +212,19 @@ EXIT_WHILE_MLU_THREAD_HOLDS_PYTHON = """
 """
 
 
-def test_mlu_exit_waits_for_the_mlu_autograd_thread(shim):
+@pytest.mark.parametrize("cards,card", [(1, 0), (2, 1)])
+def test_mlu_exit_waits_for_the_mlu_autograd_thread(shim, cards, card):
     # What made a test_mlu subprocess abort after printing the right answer, now forced to happen every time:
-    # torch's mlu autograd thread (pt_autograd_0) drops the last reference of a GraphTask after backward() has
-    # returned. Here a CPU node raises while the mlu node still runs, so backward() returns first (engine.cpp,
-    # GraphTask::set_exception completes the future), and what the GraphTask holds dies on the mlu thread: the
-    # raised exception (python_error, torch/csrc/Exceptions.h) and, on torch 2.14, the stashed contextvars context
-    # (torch/autograd/graph.py, _engine_run_backward). Their destructors take the GIL; once Python is finalizing,
-    # taking it ends the thread with pthread_exit inside a noexcept destructor: "terminate called without an active
-    # exception", exit -6, on both torches. The stand-in's atexit drain (fake_torch_mlu._drain_autograd_thread)
-    # waits for the thread before Python finalizes; without it this test fails every time.
-    out, _ = run(shim, EXIT_WHILE_MLU_THREAD_HOLDS_PYTHON)
+    # torch's autograd thread for an mlu card (pt_autograd_<card>) drops the last reference of a GraphTask after
+    # backward() has returned. Here a CPU node raises while the mlu node still runs, so backward() returns first
+    # (engine.cpp, GraphTask::set_exception completes the future), and what the GraphTask holds dies on the mlu
+    # thread: the raised exception (python_error, torch/csrc/Exceptions.h) and, on torch 2.14, the stashed contextvars
+    # context (torch/autograd/graph.py, _engine_run_backward). Their destructors take the GIL; once Python is
+    # finalizing, taking it ends the thread with pthread_exit inside a noexcept destructor: "terminate called without
+    # an active exception", exit -6, on both torches. The stand-in's atexit drain (_drain_autograd_thread) waits for
+    # the thread of every card before Python finalizes; without it this test fails every time, and with a drain of
+    # the current card only, on card 1.
+    out, _ = run(shim, EXIT_WHILE_MLU_THREAD_HOLDS_PYTHON, [str(card)], FAKE_MLU_DEVICES=str(cards))
     assert out.strip() == "ok"
 
 
