@@ -189,7 +189,7 @@ struct FakeMluHooks final : at::PrivateUse1HooksInterface {
 
 // ---- the kernels that must not go through the CPU fallback
 // Allocation lands on the card asked for ("mlu:1"), not the current one: the kernel takes the device's guard, as
-// torch_mlu's generated kernels and CUDA's do (torchgen/dest/register_dispatch_key.py, device_guard).
+// torchgen's generated CUDA factory kernels do (torchgen/dest/register_dispatch_key.py, device_guard).
 at::Tensor empty_memory_format(c10::IntArrayRef size, c10::optional<at::ScalarType> dtype, c10::optional<at::Layout>,
                                c10::optional<at::Device> device, c10::optional<bool>,
                                c10::optional<at::MemoryFormat> memory_format) {
