@@ -164,6 +164,70 @@ def test_mlu_without_kernels_makes_cpu_round_trip(shim):
     assert len(lines) == 1 and "registers no torchvision kernels" in lines[0]
 
 
+EXIT_WHILE_MLU_THREAD_HOLDS_PYTHON = """
+    import contextvars, sys, threading, time
+    import torch, torch_mlu
+    card = torch.device("mlu", int(sys.argv[1]))  # not the current card (0) when it is 1
+    started, go, dying = threading.Event(), threading.Event(), threading.Event()
+
+    class SlowToDie:
+        # its names bound here: the module's globals may be gone when it dies
+        def __del__(self, dying=dying, clock=time.monotonic, sleep=time.sleep):
+            dying.set()
+            end = clock() + 0.5
+            while clock() < end:
+                sleep(0.002)  # each wake-up takes the GIL again, which ends the thread once Python is finalizing
+
+    class OnMlu(torch.autograd.Function):  # its backward runs on torch's autograd thread for the card
+        forward = staticmethod(lambda ctx, x: x * 1)
+
+        @staticmethod
+        def backward(ctx, grad):
+            started.set()
+            go.wait(30)
+            return grad
+
+    class FailOnCpu(torch.autograd.Function):  # its backward runs on the thread that called backward()
+        forward = staticmethod(lambda ctx, x: x * 1)
+
+        @staticmethod
+        def backward(ctx, grad):
+            started.wait(30)
+            raise RuntimeError("planned", held[0])
+
+    held = [SlowToDie()]
+    var = contextvars.ContextVar("held")
+    var.set(held[0])  # in the context that backward() stashes in the GraphTask's thread-local state (torch 2.14)
+    fail = FailOnCpu.apply(torch.ones(2, requires_grad=True)).sum()  # made first, so the engine reaches it last
+    loss = OnMlu.apply(torch.ones(2, device=card, requires_grad=True)).sum().cpu() + fail
+    try:
+        loss.backward()
+    except RuntimeError as e:
+        assert e.args[0] == "planned", e
+    var.set(None)
+    held.clear()
+    go.set()  # now only the GraphTask holds SlowToDie, and only the mlu thread holds the GraphTask
+    assert dying.wait(30), "the mlu autograd thread did not drop the last GraphTask"
+    print("ok")  # and exit while that thread is inside SlowToDie.__del__
+"""
+
+
+@pytest.mark.parametrize("cards,card", [(1, 0), (2, 1)])
+def test_mlu_exit_waits_for_the_mlu_autograd_thread(shim, cards, card):
+    # What made a test_mlu subprocess abort after printing the right answer, now forced to happen every time:
+    # torch's autograd thread for an mlu card (pt_autograd_<card>) drops the last reference of a GraphTask after
+    # backward() has returned. Here a CPU node raises while the mlu node still runs, so backward() returns first
+    # (engine.cpp, GraphTask::set_exception completes the future), and what the GraphTask holds dies on the mlu
+    # thread: the raised exception (python_error, torch/csrc/Exceptions.h) and, on torch 2.14, the stashed contextvars
+    # context (torch/autograd/graph.py, _engine_run_backward). Their destructors take the GIL; once Python is
+    # finalizing, taking it ends the thread with pthread_exit inside a noexcept destructor: "terminate called without
+    # an active exception", exit -6, on both torches. The stand-in's atexit drain (_drain_autograd_thread) waits for
+    # the thread of every card before Python finalizes; without it this test fails every time, and with a drain of
+    # the current card only, on card 1.
+    out, _ = run(shim, EXIT_WHILE_MLU_THREAD_HOLDS_PYTHON, [str(card)], FAKE_MLU_DEVICES=str(cards))
+    assert out.strip() == "ok"
+
+
 def test_mlu_with_mlu_section_compiles_against_cnnl_1_and_2(tmp_path):
     # Syntax only, so it needs no device: ops_mlu.cpp's MLU section against the declarations of both CNNL API
     # generations (CNNL 1.2x: _v5 setter, _v3 workspace; CNNL 2.0: per-attribute setter, _v4 workspace).

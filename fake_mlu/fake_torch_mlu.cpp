@@ -188,15 +188,19 @@ struct FakeMluHooks final : at::PrivateUse1HooksInterface {
 };
 
 // ---- the kernels that must not go through the CPU fallback
+// Allocation lands on the card asked for ("mlu:1"), not the current one: the kernel takes the device's guard, as
+// torchgen's generated CUDA factory kernels do (torchgen/dest/register_dispatch_key.py, device_guard).
 at::Tensor empty_memory_format(c10::IntArrayRef size, c10::optional<at::ScalarType> dtype, c10::optional<at::Layout>,
-                               c10::optional<at::Device>, c10::optional<bool>,
+                               c10::optional<at::Device> device, c10::optional<bool>,
                                c10::optional<at::MemoryFormat> memory_format) {
+  const c10::OptionalDeviceGuard guard(device);
   return at::detail::empty_generic(size, &allocator, c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
                                    c10::dtype_or_default(dtype), memory_format);
 }
 
 at::Tensor empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride, c10::optional<at::ScalarType> dtype,
-                         c10::optional<at::Layout>, c10::optional<at::Device>, c10::optional<bool>) {
+                         c10::optional<at::Layout>, c10::optional<at::Device> device, c10::optional<bool>) {
+  const c10::OptionalDeviceGuard guard(device);
   return at::detail::empty_strided_generic(size, stride, &allocator,
                                            c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
                                            c10::dtype_or_default(dtype));
@@ -287,6 +291,9 @@ int64_t autocast_dtype(c10::optional<int64_t> set) {
 }
 #endif
 
+// torch.mlu.set_device: this thread's current card (the guard's setter checks the index).
+void set_device(int64_t index) { FakeMluGuard().setDevice(c10::Device(kMlu, static_cast<c10::DeviceIndex>(index))); }
+
 void register_hooks() {
   static auto* hooks = new FakeMluHooks();
   at::RegisterPrivateUse1HooksInterface(hooks);
@@ -336,6 +343,7 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
 TORCH_LIBRARY(fake_mlu, m) {
   m.def("memory_stats(bool reset_peak=False) -> int[]", &memory_stats);
   m.def("register_hooks() -> ()", &register_hooks);
+  m.def("set_device(int index) -> ()", &set_device);
   m.def("autocast_enabled(bool? set=None) -> bool", &autocast_enabled);
   m.def("autocast_dtype(int? set=None) -> int", &autocast_dtype);
 }

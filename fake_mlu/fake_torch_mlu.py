@@ -147,7 +147,7 @@ def _set_device(device):
     if not 0 <= index < _stats()[2]:
         raise RuntimeError(f"fake mlu: no card {index} ({_stats()[2]} cards)")
     _current_device[0] = index
-    torch.empty(0, device=torch.device("mlu", index))  # the C++ guard keeps its own current device per thread
+    torch.ops.fake_mlu.set_device(index)  # the C++ guard keeps its own current device per thread
 
 
 class _DeviceContext:
@@ -365,17 +365,20 @@ def _register_indexing():
 # ---------------------------------------------------------------------------------------------------- exit
 def _drain_autograd_thread():
     """At exit, while the interpreter is still whole (atexit runs before Py_FinalizeEx marks it finalizing), pass
-    one tiny backward through torch's autograd thread for "mlu" (pt_autograd_0). Torch's backward() (2.x) stashes a
-    Python object (the contextvars context) in the thread-local state every GraphTask copies
-    (torch/autograd/graph.py, _engine_run_backward), and that thread, having signalled a backward done, may still
-    drop the GraphTask's last reference after backward() returned: the drop takes the GIL
-    (torch/csrc/PyInterpreter.cpp, decref). Once finalizing has begun, take_gil ends the thread with
-    pthread_exit inside that noexcept destructor: "terminate called without an active exception" after the right
-    output. The thread takes one task at a time, so when the tiny backward returns, every earlier GraphTask is
-    gone; it is run through the C++ engine directly, so its own GraphTask holds no Python object."""
-    if _stats()[2] > 0:  # FAKE_MLU_DEVICES=0: no card, so no such thread either
-        x = torch.zeros((), device="mlu", requires_grad=True)
-        y, grad = x * 2, torch.ones((), device="mlu")
+    one tiny backward through torch's autograd thread of every card (pt_autograd_<card>). Such a thread may drop the
+    last reference of a GraphTask after backward() returned: on success, having signalled the caller (engine.cpp,
+    thread_main), and when a node on another thread raised while its own still ran (GraphTask::set_exception
+    completes the future at once). What the GraphTask holds then dies on that thread, and some of it is Python: the
+    raised exception (python_error, torch/csrc/Exceptions.h) and, where backward() stashes it (torch 2.14, not 2.1),
+    the contextvars context in the thread-local state every GraphTask copies (torch/autograd/graph.py,
+    _engine_run_backward). Their destructors take the GIL (torch/csrc/PyInterpreter.cpp, decref); once finalizing
+    has begun, take_gil ends the thread with pthread_exit inside that noexcept destructor: "terminate called without
+    an active exception" after the right output. A thread takes one task at a time, so when the tiny backward on its
+    card returns, every earlier GraphTask it held is gone; it is run through the C++ engine directly, so its own
+    GraphTask holds no Python object. test_mlu.py::test_mlu_exit_waits_for_the_mlu_autograd_thread forces the race."""
+    for card in range(_stats()[2]):  # FAKE_MLU_DEVICES=0: no card, so no such thread either
+        mlu = torch.device("mlu", card)
+        y, grad = torch.zeros((), device=mlu, requires_grad=True) * 2, torch.ones((), device=mlu)
         torch.autograd.Variable._execution_engine.run_backward((y,), (grad,), False, False, (), True, True)
 
 
