@@ -20,8 +20,11 @@ ARG CPU_INDEX=https://download.pytorch.org/whl/cpu
 RUN python -c "import torch" 2>/dev/null || pip install --no-cache-dir --index-url ${CPU_INDEX} torch
 RUN python -c "import torchvision" 2>/dev/null || pip install --no-cache-dir --isolated --no-deps \
     --index-url ${CPU_INDEX} "torchvision==$(python -c 'import re, torch; m, p = re.match(r"2\.(\d+)\.(\d+)", torch.__version__).groups(); print(f"0.{int(m) + 15}.{p}")')"
-COPY requirements.txt .
+COPY requirements.txt requirements-onnx.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
+# onnx and onnxruntime for export.py and evaluate.py on an .onnx file: optional, so a base whose Python has no
+# onnxruntime wheel still builds (export.py then names the pip command)
+RUN pip install --no-cache-dir -r requirements-onnx.txt || echo "onnx/onnxruntime not installed: export.py needs them"
 COPY . .
 # Build the native NMS/ROIAlign extension now (CPU kernels, plus MLU kernels where torch_mlu and its SDK are
 # present), into a cache inside the image, so containers start without compiling. The MLU self-test runs at the
