@@ -209,7 +209,6 @@ def demo_checkpoint(tmp_path, seed=0):
     return path
 
 
-@pytest.mark.slow
 @pytest.mark.slow  # R-50-FPN's trace and its 167 MB file, twice
 @pytest.mark.parametrize("opset", OPSETS)
 def test_upstream_layout_checkpoint_through_both_commands(tmp_path, capsys, opset):
@@ -242,6 +241,20 @@ def test_upstream_layout_checkpoint_through_both_commands(tmp_path, capsys, opse
     assert matched >= 0.99 * max(na, nb), (matched, na, nb)
 
 
+def test_export_check_says_when_it_had_nothing_to_compare(tmp_path, capsys):
+    # A trained detector finds nothing in the random test input: "the same" would be a check of nothing
+    cfg = config.get("demo", ["min_size_test=96", "max_size_test=128", "device=cpu"], verbose=False)
+    net = random_net(cfg)
+    with torch.no_grad():
+        net.roi_heads.box.predictor.cls_score.bias[0] = 50  # background everywhere
+    path, out = str(tmp_path / "demo.pth"), str(tmp_path / "demo.onnx")
+    checkpoint.save(path, net, cfg)
+    export.main(["--ckpt", path, "--output", out])
+    printed = capsys.readouterr().out
+    assert "gives 0 detections, PyTorch 0" in printed and "none to compare" in printed and "the same" not in printed
+
+
+@pytest.mark.slow
 def test_export_then_evaluate_matches_pytorch(tmp_path, demo_root):
     ckpt, onnx_path = demo_checkpoint(tmp_path), str(tmp_path / "out" / "demo.onnx")
     res = run(script("export.py", "--ckpt", ckpt, "--output", onnx_path, "--opset", "11"))
