@@ -106,6 +106,21 @@ def export(net, cfg, categories, path, opset=DEFAULT_OPSET, hw=None):
     return image, size
 
 
+def sample_image(cfg):
+    """The first image of the config's val split as evaluate.py feeds it: ((1, 3, H, W) padded, (h, w), its path),
+    where that split is on this machine (the demo's once it has trained, COCO's val2017 once downloaded); else
+    None, and the check runs on the traced random input."""
+    import data
+    try:
+        ds = data.CocoDetection(cfg.data_root, cfg.val_split, cfg, False, cfg.val_ann, cfg.val_images)
+        if not len(ds):
+            return None
+        images, sizes, _, _ = data.collate([ds[0]], cfg.size_divisibility)
+    except (config.UserError, OSError):  # no such split here, or one that evaluate.py would refuse: no sample
+        return None
+    return images, sizes[0], ds.path(0)
+
+
 def check_output(path):
     """Refuse, before any work, an output that is a folder or cannot be written."""
     if os.path.isdir(path):
@@ -150,10 +165,12 @@ def main(argv=None):
     net = net.float()
     launch.numeric_policy(cfg)
     image, size = export(net, cfg, categories, args.output, args.opset)
-    # The file against the model it came from, on the traced input: a broken export shows at once
+    # The file against the model it came from, on a real image where one is here, else on the traced input
+    sample = sample_image(cfg)
+    image, size, where = sample or (image, tuple(size.tolist()), "random test input")
     with torch.no_grad():
-        want = net(image, [tuple(size.tolist())])[0]
-    got = evaluate.OnnxDetector(args.output)(image, [tuple(size.tolist())])[0]
+        want = net(image, [size])[0]
+    got = evaluate.OnnxDetector(args.output)(image, [size])[0]
     # the tests' criterion: where near-equal scores order detections differently, >= 99% matched
     ids = {label: label for label in range(cfg.num_classes)}
     matched, n_ort, n_torch = evaluate.detection_agreement(evaluate.coco_records(got, ids),
@@ -163,8 +180,8 @@ def main(argv=None):
     else:
         verdict = ": the same" if matched >= 0.99 * max(n_ort, n_torch) else ": they differ (see README, Deploy)"
     print(f"export: {args.output}: {os.path.getsize(args.output) / 2 ** 20:.1f} MiB, opset {args.opset}, "
-          f"{cfg.num_classes - 1} classes; on a {image.shape[2]}x{image.shape[3]} random test input ONNX Runtime "
-          f"gives {n_ort} detections, PyTorch {n_torch}, {matched} matched (same label, IoU > 0.99, score within "
+          f"{cfg.num_classes - 1} classes; on {where} ({image.shape[2]}x{image.shape[3]}) ONNX Runtime gives "
+          f"{n_ort} detections, PyTorch {n_torch}, {matched} matched (same label, IoU > 0.99, score within "
           f"1e-3){verdict}")
     return args.output
 

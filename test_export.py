@@ -204,8 +204,8 @@ def test_nms_node_equals_native(tmp_path, opset):
 # ---- the scripts
 
 
-def demo_checkpoint(tmp_path, seed=0):
-    cfg = config.get("demo", ["min_size_test=96", "max_size_test=128", "device=cpu"], verbose=False)
+def demo_checkpoint(tmp_path, seed=0, *overrides):
+    cfg = config.get("demo", ["min_size_test=96", "max_size_test=128", "device=cpu", *overrides], verbose=False)
     path = str(tmp_path / "demo.pth")
     checkpoint.save(path, random_net(cfg, seed), cfg)
     return path
@@ -258,9 +258,11 @@ def test_export_check_says_when_it_had_nothing_to_compare(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_export_then_evaluate_matches_pytorch(tmp_path, demo_root):
-    ckpt, onnx_path = demo_checkpoint(tmp_path), str(tmp_path / "out" / "demo.onnx")
+    ckpt, onnx_path = demo_checkpoint(tmp_path, 0, f"data_root={demo_root}"), str(tmp_path / "out" / "demo.onnx")
     res = run(script("export.py", "--ckpt", ckpt, "--output", onnx_path, "--opset", "11"))
-    assert res.returncode == 0 and "the same" in res.stdout, res.stdout + res.stderr
+    # the check runs on the first image of the checkpoint's val split, which is here
+    first = os.path.join(demo_root, "val2017", sorted(os.listdir(os.path.join(demo_root, "val2017")))[0])
+    assert res.returncode == 0 and f"on {first} (" in res.stdout and "the same" in res.stdout, res.stdout + res.stderr
     results = {}
     for name, path in (("pth", ckpt), ("onnx", onnx_path)):
         out = str(tmp_path / f"eval_{name}")
