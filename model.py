@@ -54,8 +54,12 @@ def clip_bounds(image_sizes, like):
 def clip_boxes(boxes, size):
     """Clamp x to [0, w-1] and y to [0, h-1]; size is (h, w). Nothing is removed (remove_empty=False).
     boxes (R, 4k): every class block at once."""
-    hi = clip_bounds([size], boxes)  # (1, 4)
-    return boxes.view(boxes.shape[0], -1, 4).clamp(torch.zeros_like(hi), hi).view(boxes.shape)
+    if torch.jit.is_tracing():  # size is a (2,) tensor there: bounds as a tensor (eagerly, numbers need no copy)
+        hi = clip_bounds([size], boxes)  # (1, 4)
+        return boxes.view(boxes.shape[0], -1, 4).clamp(torch.zeros_like(hi), hi).view(boxes.shape)
+    h, w = size
+    # columns 0::2 are x1, x2 (of every class block), 1::2 are y1, y2; interleaving them restores the layout
+    return torch.stack([boxes[:, 0::2].clamp(0, w - 1), boxes[:, 1::2].clamp(0, h - 1)], -1).reshape(boxes.shape)
 
 
 def topk_count(x, k, dim=0):

@@ -400,7 +400,7 @@ def _roi_align(backend, input, rois, output_size, spatial_scale, sampling_ratio,
 # ---- ONNX export
 # The forward passes run our kernels (the tracer needs real values); `symbolic` writes the ONNX node. Only standard
 # operators, so ONNX Runtime, TensorRT and MagicMind run the graph without plugins.
-ONNX_MIN_OPSET = 11  # NonMaxSuppression and RoiAlign are opset 10; TopK with a computed k, NonZero, ScatterND 11
+ONNX_MIN_OPSET = 11  # NonMaxSuppression and RoiAlign are opset 10; Range and TopK with largest=0 (argsort) 11
 
 
 class _OnnxNMS(torch.autograd.Function):
